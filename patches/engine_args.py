@@ -1,0 +1,87 @@
+"""``EngineArgs``: the ``vllm serve`` flags and the model-pair selection.
+
+vLLM has no hook for new CLI flags, and ``from_cli_args`` copies only dataclass
+fields, so both are wrapped. ``create_engine_config`` is wrapped so that every
+engine (``vllm serve`` and ``LLM(...)``) with a reference model is checked
+once at start and served by the pair model. Written for vLLM 0.32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from vllm.engine.arg_utils import EngineArgs
+
+from vllm_align.config import EXTRA_ARGS_KEY, AlignConfigError, EngineAlignConfig
+from vllm_align.patches.base import VllmPatch
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+class EngineArgsPatch(VllmPatch):
+    target = EngineArgs
+    replaces = ("add_cli_args", "from_cli_args", "create_engine_config")
+
+    @staticmethod
+    def add_cli_args(parser):
+        parser = EngineArgsPatch.original("add_cli_args").__func__(parser)
+        group = parser.add_argument_group(
+            "vllm-align", "Decoding-time alignment (DeRa, AAD) inside the engine.")
+        group.add_argument("--sampler", choices=["default", "align"], default="default",
+                           help="'align' serves the per-request 'alignment' field.")
+        group.add_argument("--reference-model", default=None,
+                           help="Reference (SFT) checkpoint evaluated in lockstep "
+                                "with the served model; needed by DeRa and AAD.")
+        group.add_argument("--align-default", type=_json_object, default=None,
+                           help='Alignment for requests without one, e.g. '
+                                '\'{"method": "aad", "alpha": 0.1}\'.')
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace):
+        engine_args = EngineArgsPatch.original("from_cli_args").__func__(cls, args)
+        sampler = getattr(args, "sampler", "default")
+        ref, default = getattr(args, "reference_model", None), getattr(args, "align_default", None)
+        if sampler != "align":
+            if ref is not None or default is not None:
+                raise AlignConfigError("--reference-model and --align-default need --sampler align")
+            return engine_args
+        config = dict(engine_args.additional_config or {})
+        align = dict(config.get(EXTRA_ARGS_KEY) or {})
+        if ref is not None:
+            align["reference_model"] = ref
+        if default is not None:
+            align["default"] = default
+        config[EXTRA_ARGS_KEY] = align
+        engine_args.additional_config = config
+        return engine_args
+
+    def create_engine_config(self, *args, **kwargs):
+        from vllm_align.engine.compat import pair_overrides
+
+        align = EngineAlignConfig.parse(self.additional_config)
+        if align.reference_model is not None:
+            if self.speculative_config:
+                raise AlignConfigError(
+                    "vllm-align cannot run with speculative decoding (vLLM refuses "
+                    "logits processors there); drop --speculative-config")
+            if callable(self.hf_overrides):
+                raise AlignConfigError("vllm-align needs hf_overrides as a dict, not a callable")
+            self.hf_overrides = {**(self.hf_overrides or {}), **pair_overrides(
+                self.model, align.reference_model, tokenizer=self.tokenizer,
+                revision=self.revision, trust_remote_code=self.trust_remote_code)}
+        config = EngineArgsPatch.original("create_engine_config")(self, *args, **kwargs)
+        if self.additional_config.get(EXTRA_ARGS_KEY) is not None and config.use_v2_model_runner:
+            raise AlignConfigError(
+                "vllm-align runs on vLLM's V1 model runner; unset "
+                "VLLM_USE_V2_MODEL_RUNNER (the plugin then selects V1)")
+        return config

@@ -1,0 +1,158 @@
+"""Typed alignment configuration, validated once at the edge.
+
+Two shapes reach us as plain JSON-like dicts:
+
+* per request, ``SamplingParams.extra_args["align"]`` (offline) or the
+  ``alignment`` body field (served): ``{"method": "dera", "lambda": 0.5}``;
+* per engine, ``additional_config["align"]``:
+  ``{"reference_model": PATH, "default": {...}}``.
+
+Both are parsed here into frozen dataclasses; every error is an
+``AlignConfigError`` (a ``ValueError``) whose message names the bad value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+METHODS = ("none", "dera", "aad", "mara")
+# Request keys allowed per method (besides "method").
+_METHOD_KEYS = {
+    "none": (),
+    "dera": ("lambda",),
+    "aad": ("alpha", "entropy_threshold"),
+    "mara": (),
+}
+_ENGINE_KEYS = ("reference_model", "default")
+EXTRA_ARGS_KEY = "align"
+
+
+class AlignConfigError(ValueError):
+    """Bad alignment configuration or request parameters."""
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AlignConfigError(f"alignment {name!r} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise AlignConfigError(f"alignment {name!r} must be finite, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class AlignParams:
+    """One sequence's decoding rule.
+
+    Attributes:
+        method: "none" (aligned model alone), "dera", "aad" or "mara".
+        lam: DeRa's lambda; 0 = reference, 1 = aligned, > 1 extrapolates.
+        alpha: AAD's plausibility threshold in (0, 1].
+        entropy_threshold: AAD's tau, or None to always use the score gap.
+    """
+
+    method: str = "none"
+    lam: float = 1.0
+    alpha: float = 0.1
+    entropy_threshold: float | None = None
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.method in ("dera", "aad")
+
+    @classmethod
+    def parse(cls, spec: Any) -> "AlignParams":
+        """Parse a request's ``alignment`` object (JSON string or mapping)."""
+        if isinstance(spec, str):
+            try:
+                spec = json.loads(spec)
+            except json.JSONDecodeError as e:
+                raise AlignConfigError(f"alignment is not valid JSON: {e}") from None
+        if not isinstance(spec, Mapping):
+            raise AlignConfigError(
+                f"alignment must be an object like {{\"method\": \"dera\", "
+                f"\"lambda\": 0.5}}, got {spec!r}")
+        method = spec.get("method")
+        if method not in METHODS:
+            raise AlignConfigError(
+                f"unknown alignment method {method!r}; allowed: {', '.join(METHODS)}")
+        allowed = _METHOD_KEYS[method]
+        unknown = sorted(set(spec) - {"method", *allowed})
+        if unknown:
+            raise AlignConfigError(
+                f"unknown alignment key(s) {unknown} for method {method!r}; "
+                f"allowed: {['method', *allowed]}")
+        if method == "mara":
+            raise AlignConfigError(
+                "alignment method 'mara' needs a MARA agent, and this engine has none")
+        kwargs: dict[str, Any] = {"method": method}
+        if "lambda" in spec:
+            kwargs["lam"] = _number(spec["lambda"], "lambda")
+        if "alpha" in spec:
+            alpha = _number(spec["alpha"], "alpha")
+            if not 0.0 < alpha <= 1.0:
+                raise AlignConfigError(f"alignment 'alpha' must be in (0, 1], got {alpha!r}")
+            kwargs["alpha"] = alpha
+        if spec.get("entropy_threshold") is not None:
+            tau = _number(spec["entropy_threshold"], "entropy_threshold")
+            if tau < 0:
+                raise AlignConfigError(
+                    f"alignment 'entropy_threshold' must be >= 0, got {tau!r}")
+            kwargs["entropy_threshold"] = tau
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class EngineAlignConfig:
+    """What an engine can serve, from ``additional_config["align"]``.
+
+    Attributes:
+        reference_model: path or name of the reference (SFT) checkpoint; None
+            means DeRa and AAD requests are refused.
+        default: the rule for requests that carry no alignment field.
+    """
+
+    reference_model: str | None = None
+    default: AlignParams = field(default_factory=AlignParams)
+
+    @classmethod
+    def parse(cls, additional_config: Mapping[str, Any] | None) -> "EngineAlignConfig":
+        spec = (additional_config or {}).get(EXTRA_ARGS_KEY)
+        if spec is None:
+            return cls()
+        if not isinstance(spec, Mapping):
+            raise AlignConfigError(
+                f"additional_config['align'] must be an object, got {spec!r}")
+        unknown = sorted(set(spec) - set(_ENGINE_KEYS))
+        if unknown:
+            raise AlignConfigError(
+                f"unknown additional_config['align'] key(s) {unknown}; "
+                f"allowed: {list(_ENGINE_KEYS)}")
+        ref = spec.get("reference_model")
+        if ref is not None and (not isinstance(ref, str) or not ref):
+            raise AlignConfigError(f"'reference_model' must be a path or name, got {ref!r}")
+        default = AlignParams.parse(spec.get("default") or {"method": "none"})
+        config = cls(reference_model=ref, default=default)
+        config.check_servable(default, what="the default alignment")
+        return config
+
+    def check_servable(self, params: AlignParams, what: str = "this request") -> None:
+        """Refuse params this engine cannot honour (e.g. DeRa with no reference)."""
+        if params.needs_reference and self.reference_model is None:
+            raise AlignConfigError(
+                f"{what} uses alignment method {params.method!r}, which needs a "
+                "reference model; start the engine with --reference-model "
+                "(served) or additional_config={'align': {'reference_model': ...}}")
+
+    def resolve(self, extra_args: Mapping[str, Any] | None) -> AlignParams:
+        """The validated rule for one request's ``SamplingParams.extra_args``."""
+        spec = (extra_args or {}).get(EXTRA_ARGS_KEY)
+        if spec is None:
+            return self.default
+        params = AlignParams.parse(spec)
+        self.check_servable(params)
+        return params

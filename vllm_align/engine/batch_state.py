@@ -1,0 +1,126 @@
+"""Per-sequence alignment parameters as preallocated batched tensors.
+
+``AlignBatchState`` is a V1 ``LogitsProcessor`` (registered through the
+``vllm.logits_processors`` entry point, so every engine where the plugin is
+installed has one). It does not touch the logits itself: vLLM computes raw
+logprobs *before* logits processors run, and returned logprobs must describe
+the distribution actually used. So the rule is applied inside the pair
+model's ``compute_logits`` (see ``pair_model.py``), which reads the tensors
+kept here. This class only:
+
+* validates each request's ``extra_args["align"]`` shape in the API process
+  (``validate_params``),
+* mirrors the persistent batch: rows are written when requests join, moved
+  when vLLM condenses or reorders the batch, all from ``BatchUpdate`` diffs,
+* flags the next ``compute_logits`` call of a step as the sampling call (the
+  prompt-logprobs call that may follow must not be mixed per request).
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import (BatchUpdate, LogitsProcessor,
+                                             MoveDirectionality)
+
+from vllm_align import methods
+from vllm_align.config import EXTRA_ARGS_KEY, AlignParams, EngineAlignConfig
+
+# One engine core per worker process; the pair model finds the state of the
+# engine it belongs to through its VllmConfig.
+_STATES: dict[int, "AlignBatchState"] = {}
+
+
+def state_for(vllm_config) -> "AlignBatchState | None":
+    return _STATES.get(id(vllm_config))
+
+
+class AlignBatchState(LogitsProcessor):
+    """Batched per-request method codes and parameters.
+
+    Tensors (``max_num_seqs`` rows, row i = persistent-batch slot i):
+        method: [N] int8 method codes (``methods.NONE``...).
+        lam, alpha, entropy_threshold: [N] float32 (tau < 0 = disabled).
+    """
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        spec = (sampling_params.extra_args or {}).get(EXTRA_ARGS_KEY)
+        if spec is not None:
+            AlignParams.parse(spec)
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        self.config = EngineAlignConfig.parse(vllm_config.additional_config)
+        n = vllm_config.scheduler_config.max_num_seqs
+        self.device = device
+        self._cpu = {
+            "method": torch.zeros(n, dtype=torch.int8, pin_memory=is_pin_memory),
+            "lam": torch.ones(n, dtype=torch.float32, pin_memory=is_pin_memory),
+            "alpha": torch.ones(n, dtype=torch.float32, pin_memory=is_pin_memory),
+            "entropy_threshold": torch.full((n,), -1.0, dtype=torch.float32,
+                                            pin_memory=is_pin_memory),
+        }
+        self._dev = {k: v.to(device) for k, v in self._cpu.items()}
+        self.num_reqs = 0
+        self.has_dera = self.has_aad = False
+        self.sampling_call_pending = False
+        _STATES[id(vllm_config)] = self
+
+    # -- LogitsProcessor interface -------------------------------------
+    def is_argmax_invariant(self) -> bool:
+        # The rule is applied in compute_logits; nothing left to do here.
+        return True
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        self.sampling_call_pending = True
+        if batch_update is None:
+            return
+        cpu = self._cpu
+        for index, params, _, _ in batch_update.added:
+            # Overwrite unconditionally: a slot refilled by a move may arrive
+            # without a matching `removed` entry.
+            self._write_row(index, self.config.resolve(params.extra_args))
+        for src, dst, direction in batch_update.moved:
+            for t in cpu.values():
+                if direction == MoveDirectionality.SWAP:
+                    t[[src, dst]] = t[[dst, src]]
+                else:
+                    t[dst] = t[src]
+        self.num_reqs = batch_update.batch_size
+        active = cpu["method"][: self.num_reqs]
+        self.has_dera = bool((active == methods.DERA).any())
+        self.has_aad = bool((active == methods.AAD).any())
+        for k, t in cpu.items():
+            self._dev[k].copy_(t, non_blocking=True)
+
+    def _write_row(self, index: int, params: AlignParams) -> None:
+        cpu = self._cpu
+        cpu["method"][index] = methods.METHOD_CODES[params.method]
+        cpu["lam"][index] = params.lam
+        cpu["alpha"][index] = params.alpha
+        tau = params.entropy_threshold
+        cpu["entropy_threshold"][index] = -1.0 if tau is None else tau
+
+    # -- used by the pair model -----------------------------------------
+    @property
+    def needs_reference(self) -> bool:
+        return self.has_dera or self.has_aad
+
+    def take_sampling_call(self, num_rows: int) -> bool:
+        """True once per step, for the compute_logits call that samples."""
+        if not self.sampling_call_pending or num_rows != self.num_reqs:
+            return False
+        self.sampling_call_pending = False
+        return True
+
+    def apply_rule(self, aligned: torch.Tensor,
+                   reference: torch.Tensor | None) -> torch.Tensor:
+        """[B, V] aligned (+ reference) logits -> [B, V] float32 logits to sample."""
+        n = aligned.shape[0]
+        d = self._dev
+        return methods.align_logits(
+            aligned, reference, d["method"][:n], d["lam"][:n], d["alpha"][:n],
+            d["entropy_threshold"][:n], has_dera=self.has_dera, has_aad=self.has_aad)

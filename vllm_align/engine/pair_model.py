@@ -1,0 +1,102 @@
+"""The aligned and reference models as one vLLM model, run in lockstep.
+
+``AlignedPairForCausalLM`` wraps two instances of the served architecture,
+built under the prefixes ``aligned`` and ``reference``. vLLM sees one model:
+both models' attention layers land in the same KV-cache group, so they share
+block tables, continuous batching, chunked prefill and prefix caching, with no
+second scheduler; the KV budget per token doubles.
+
+Data flow of one step (B sequences, T scheduled tokens, H hidden size):
+
+    forward(input_ids [T], positions [T]) -> cat(h_aligned, h_ref) [T, 2H]
+    runner selects the sampling rows      -> [B, 2H]   (row-aligned by construction)
+    compute_logits([B, 2H])               -> rule(logits_aligned, logits_ref) [B, V]
+
+Concatenating the hidden states lets vLLM's own row selection pick both
+models' rows at once, so the reference logits cannot drift out of row order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from transformers import AutoConfig
+from vllm.config import VllmConfig
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+from vllm.model_executor.models import ModelRegistry
+from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
+
+from vllm_align.config import EngineAlignConfig
+from vllm_align.engine.batch_state import state_for
+from vllm_align.patches.compiled_classes import own_compiled_classes
+
+ARCH = "AlignedPairForCausalLM"
+# hf_config attribute (set through hf_overrides) naming the wrapped architecture.
+INNER_ARCH_ATTR = "vllm_align_inner_architectures"
+
+
+class AlignedPairForCausalLM(nn.Module):
+    """Aligned model + reference model of the same architecture, one forward."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        model_config = vllm_config.model_config
+        hf_config = model_config.hf_config
+        inner_archs = list(getattr(hf_config, INNER_ARCH_ATTR))
+        model_cls, _ = ModelRegistry.resolve_model_cls(inner_archs, model_config)
+        align = EngineAlignConfig.parse(vllm_config.additional_config)
+        assert align.reference_model is not None
+
+        aligned_config = vllm_config.with_hf_config(hf_config, architectures=inner_archs)
+        self.aligned = model_cls(vllm_config=aligned_config,
+                                 prefix=maybe_prefix(prefix, "aligned"))
+        ref_hf_config = AutoConfig.from_pretrained(
+            align.reference_model, trust_remote_code=model_config.trust_remote_code)
+        ref_config = vllm_config.with_hf_config(ref_hf_config, architectures=inner_archs)
+        with own_compiled_classes(model_cls, tag="Reference"):
+            self.reference = model_cls(vllm_config=ref_config,
+                                       prefix=maybe_prefix(prefix, "reference"))
+
+        # vLLM's loader streams these after the served checkpoint, prefixed.
+        self.secondary_weights = [DefaultModelLoader.Source(
+            align.reference_model, revision=None, prefix="reference.")]
+        self.vllm_config = vllm_config
+        self._hidden_sizes = [hf_config.hidden_size, ref_hf_config.hidden_size]
+        self.make_empty_intermediate_tensors = getattr(
+            self.aligned, "make_empty_intermediate_tensors", None)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.aligned.embed_input_ids(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors=None, inputs_embeds: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
+        """[T] tokens -> [T, H_aligned + H_ref] final hidden states of both models."""
+        if inputs_embeds is not None:
+            raise ValueError("vllm-align does not support prompt embeddings: the "
+                             "reference model needs token ids")
+        h_aligned = self.aligned(input_ids, positions, intermediate_tensors, None, **kwargs)
+        h_ref = self.reference(input_ids, positions, intermediate_tensors, None, **kwargs)
+        return torch.cat([h_aligned, h_ref], dim=-1)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """[B, H_aligned + H_ref] -> [B, V] logits of each row's decoding rule.
+
+        Only the step's sampling call is mixed per request; other calls
+        (prompt logprobs, warm-up) get the aligned model's logits.
+        """
+        h_aligned, h_ref = hidden_states.split(self._hidden_sizes, dim=-1)
+        logits = self.aligned.compute_logits(h_aligned)
+        state = state_for(self.vllm_config)
+        if state is None or not state.take_sampling_call(hidden_states.shape[0]):
+            return logits
+        ref_logits = self.reference.compute_logits(h_ref) if state.needs_reference else None
+        return state.apply_rule(logits, ref_logits)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        def route():
+            for name, tensor in weights:
+                yield (name if name.startswith("reference.") else "aligned." + name), tensor
+        return AutoWeightsLoader(self).load_weights(route())
