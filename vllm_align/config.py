@@ -38,7 +38,10 @@ class AlignConfigError(ValueError):
 def _number(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise AlignConfigError(f"alignment {name!r} must be a number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float range, e.g. a 400-digit JSON literal
+        value = math.inf if value > 0 else -math.inf
     if not math.isfinite(value):
         raise AlignConfigError(f"alignment {name!r} must be finite, got {value!r}")
     return value
@@ -81,7 +84,8 @@ class AlignParams:
             raise AlignConfigError(
                 f"unknown alignment method {method!r}; allowed: {', '.join(METHODS)}")
         allowed = _METHOD_KEYS[method]
-        unknown = sorted(set(spec) - {"method", *allowed})
+        # key=repr: offline dicts may mix key types, which sorted() cannot compare.
+        unknown = sorted(set(spec) - {"method", *allowed}, key=repr)
         if unknown:
             raise AlignConfigError(
                 f"unknown alignment key(s) {unknown} for method {method!r}; "
@@ -127,7 +131,7 @@ class EngineAlignConfig:
         if not isinstance(spec, Mapping):
             raise AlignConfigError(
                 f"additional_config['align'] must be an object, got {spec!r}")
-        unknown = sorted(set(spec) - set(_ENGINE_KEYS))
+        unknown = sorted(set(spec) - set(_ENGINE_KEYS), key=repr)
         if unknown:
             raise AlignConfigError(
                 f"unknown additional_config['align'] key(s) {unknown}; "

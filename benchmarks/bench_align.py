@@ -1,0 +1,160 @@
+"""Throughput of DeRa and AAD in the engine vs plain vLLM vs a batched HF loop.
+
+All runs in one process, one after the other, on one locally built model pair
+(~100M parameters each by default), same prompts, greedy, fixed length:
+
+* plain   : vLLM with the aligned model alone (no reference model);
+* dera    : the plugin, every request DeRa lambda=0.5;
+* aad     : the plugin, every request AAD alpha=0.1;
+* hf-dera, hf-aad : transformers, both models batched with KV caches, the
+            same math per step (how the published implementations decode,
+            but batched, which they are not).
+
+Usage: python benchmarks/bench_align.py [--prompts 32] [--tokens 64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+
+def _prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    vocab = [t for t in range(tokenizer.vocab_size) if t not in tokenizer.all_special_ids]
+    return [[rng.choice(vocab) for _ in range(rng.randint(16, 48))] for _ in range(n)]
+
+
+def bench_vllm(aligned: str, reference: str | None, spec: dict | None, prompts, tokens: int,
+               dtype: str) -> float:
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    kwargs = {}
+    if reference is not None:
+        kwargs["additional_config"] = {"align": {"reference_model": reference}}
+    llm = LLM(model=aligned, dtype=dtype, max_model_len=512, seed=0,
+              max_num_seqs=len(prompts), enable_prefix_caching=False, **kwargs)
+    extra = {"align": spec} if spec else None
+    sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True, extra_args=extra)
+    inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    llm.generate(inputs[:2], sp, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate(inputs, sp, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    n_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    del llm
+    gc.collect()
+    return n_tokens / elapsed
+
+
+def bench_hf(aligned: str, reference: str, spec: dict, prompts, tokens: int,
+             dtype: str) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vllm_align import methods
+
+    n = len(prompts)
+    if spec["method"] == "dera":
+        lam = torch.full((n,), spec["lambda"])
+        rule = lambda a, r: methods.dera_logits(a, r, lam)  # noqa: E731
+    else:
+        alpha, tau = torch.full((n,), spec["alpha"]), torch.full((n,), -1.0)
+        rule = lambda a, r: methods.aad_scores(a, r, alpha, tau)  # noqa: E731
+
+    torch_dtype = getattr(torch, dtype)
+    models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype).eval()
+              for p in (aligned, reference)]
+    width = max(map(len, prompts))
+    # Left padding so every row's next token sits in the last column.
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+
+    def run(n_steps: int) -> int:
+        past = [None, None]
+        cur, attn = ids, mask
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        produced = 0
+        with torch.inference_mode():
+            for _ in range(n_steps):
+                logits = []
+                for k, m in enumerate(models):
+                    out = m(input_ids=cur, attention_mask=attn, position_ids=pos,
+                            past_key_values=past[k], use_cache=True)
+                    past[k] = out.past_key_values
+                    logits.append(out.logits[:, -1].float())
+                cur = rule(*logits).argmax(-1, keepdim=True)
+                attn = torch.cat([attn, torch.ones_like(cur)], dim=1)
+                pos = pos[:, -1:] + 1
+                produced += cur.shape[0]
+        return produced
+
+    run(2)  # warm-up
+    start = time.perf_counter()
+    n_tokens = run(tokens)
+    return n_tokens / (time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--hidden-size", type=int, default=1024)
+    parser.add_argument("--num-layers", type=int, default=8)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--models-dir", default=".cache/bench-models")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from vllm_align.toy.models import build_llama_pair
+
+    aligned, reference = build_llama_pair(
+        args.models_dir, hidden_size=args.hidden_size, num_layers=args.num_layers,
+        num_heads=args.hidden_size // 64, vocab_size=args.vocab_size, seed=0)
+    prompts = _prompts(AutoTokenizer.from_pretrained(aligned), args.prompts)
+
+    results = {
+        "plain": bench_vllm(aligned, None, None, prompts, args.tokens, args.dtype),
+        "dera": bench_vllm(aligned, reference, {"method": "dera", "lambda": 0.5},
+                           prompts, args.tokens, args.dtype),
+        "aad": bench_vllm(aligned, reference, {"method": "aad", "alpha": 0.1},
+                          prompts, args.tokens, args.dtype),
+    }
+    results["hf-dera"] = bench_hf(aligned, reference, {"method": "dera", "lambda": 0.5},
+                                  prompts, args.tokens, args.dtype)
+    results["hf-aad"] = bench_hf(aligned, reference, {"method": "aad", "alpha": 0.1},
+                                 prompts, args.tokens, args.dtype)
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "config": vars(args),
+        "tokens_per_s": {k: round(v, 1) for k, v in results.items()},
+        "ratios": {
+            "dera/plain": round(results["dera"] / results["plain"], 3),
+            "aad/plain": round(results["aad"] / results["plain"], 3),
+            "dera/hf-dera": round(results["dera"] / results["hf-dera"], 2),
+            "aad/hf-aad": round(results["aad"] / results["hf-aad"], 2),
+        },
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

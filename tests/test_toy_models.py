@@ -1,0 +1,204 @@
+"""The local toy checkpoints, and the HF reference decoder checked on them.
+
+The reference decoder (tests/hf_reference.py) is what engine tests compare
+vLLM against, so it is itself checked here against ``model.generate``:
+DeRa at lambda=0 must reproduce the reference model token for token, and at
+lambda=1 the aligned model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import hf_reference
+from vllm_align.toy.models import build_llama_pair
+
+PROMPTS = [
+    "The old teacher found a golden book near the river.",
+    "Where did the careful farmer leave the letters?",
+    "User: Can you explain the problem? Assistant:",
+]
+MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def pair_paths(tmp_path_factory):
+    return build_llama_pair(tmp_path_factory.mktemp("toy") / "pair", seed=0)
+
+
+@pytest.fixture(scope="module")
+def pair(pair_paths):
+    return hf_reference.load_pair(*pair_paths)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(pair_paths):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(pair_paths[0])
+
+
+def _greedy_generate(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    input_ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                             do_sample=False, max_new_tokens=max_new_tokens)
+    return out[0, len(prompt_ids):].tolist()
+
+
+# -- the checkpoints ---------------------------------------------------------
+
+def test_pair_loads_and_shares_tokenizer(pair_paths, pair):
+    from transformers import AutoConfig, AutoTokenizer
+
+    aligned_path, reference_path = pair_paths
+    tok_a = AutoTokenizer.from_pretrained(aligned_path)
+    tok_r = AutoTokenizer.from_pretrained(reference_path)
+    with open(os.path.join(aligned_path, "tokenizer.json"), "rb") as f_a, \
+            open(os.path.join(reference_path, "tokenizer.json"), "rb") as f_r:
+        assert f_a.read() == f_r.read()
+    assert tok_a.get_vocab() == tok_r.get_vocab()
+    for path, model in zip(pair_paths, pair):
+        config = AutoConfig.from_pretrained(path)
+        assert config.architectures == ["LlamaForCausalLM"]
+        assert config.vocab_size == len(tok_a) == 1024
+        assert config.hidden_size // config.num_attention_heads == 64
+        assert config.head_dim == 64
+        assert config.tie_word_embeddings is False
+        assert config.bos_token_id == tok_a.bos_token_id
+        assert config.eos_token_id == tok_a.eos_token_id
+        assert model.generation_config.eos_token_id == tok_a.eos_token_id
+        assert model.generation_config.bos_token_id == tok_a.bos_token_id
+        assert model.dtype == torch.float32
+        assert model.get_output_embeddings().weight.shape == (1024, 256)
+        assert os.path.isfile(os.path.join(path, "model.safetensors"))
+
+
+def test_tokenizer_round_trip_and_chat_template(tokenizer):
+    ids = tokenizer(PROMPTS[0]).input_ids
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == PROMPTS[0]
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hello there"}], tokenize=False,
+        add_generation_prompt=True)
+    assert text == "<s><|user|>\nHello there</s>\n<|assistant|>\n"
+    chat_ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert chat_ids[0] == tokenizer.bos_token_id
+    assert tokenizer.convert_tokens_to_ids("<|assistant|>") in chat_ids
+
+
+def test_models_differ_but_share_embeddings(pair, tokenizer):
+    aligned, reference = pair
+    ids = torch.tensor([tokenizer(PROMPTS[1]).input_ids])
+    with torch.no_grad():
+        logits_a = aligned(ids).logits[0]
+        logits_r = reference(ids).logits[0]
+    assert not torch.allclose(logits_a, logits_r, atol=1e-2)
+    # Noticeably different distributions, yet the same model "nudged".
+    kl = (logits_a.log_softmax(-1).exp()
+          * (logits_a.log_softmax(-1) - logits_r.log_softmax(-1))).sum(-1)
+    assert 0.01 < float(kl.mean()) < 5.0
+    # The perturbation touches only lm_head and the last layer's outputs.
+    assert torch.equal(aligned.get_input_embeddings().weight,
+                       reference.get_input_embeddings().weight)
+    assert not torch.equal(aligned.get_output_embeddings().weight,
+                           reference.get_output_embeddings().weight)
+
+
+def test_build_is_idempotent_and_deterministic(pair_paths, tmp_path):
+    aligned_path, _ = pair_paths
+    weights = os.path.join(aligned_path, "model.safetensors")
+    mtime = os.stat(weights).st_mtime_ns
+    assert build_llama_pair(os.path.dirname(aligned_path), seed=0) == pair_paths
+    assert os.stat(weights).st_mtime_ns == mtime  # reused, not rebuilt
+
+    # Same arguments elsewhere: byte-identical checkpoints.
+    again = build_llama_pair(tmp_path / "again", seed=0)
+    for built, rebuilt in zip(pair_paths, again):
+        for name in ("model.safetensors", "tokenizer.json", "config.json"):
+            with open(os.path.join(built, name), "rb") as f1, \
+                    open(os.path.join(rebuilt, name), "rb") as f2:
+                assert f1.read() == f2.read(), name
+
+    # Other arguments in the same directory: rebuilt, stamp updated.
+    build_llama_pair(tmp_path / "again", seed=1)
+    stamp = json.loads((tmp_path / "again" / "stamp.json").read_text())
+    assert stamp["seed"] == 1
+    with open(os.path.join(pair_paths[1], "model.safetensors"), "rb") as f1, \
+            open(os.path.join(again[1], "model.safetensors"), "rb") as f2:
+        assert f1.read() != f2.read()
+
+
+def test_bad_head_dim_rejected(tmp_path):
+    with pytest.raises(ValueError, match="64"):
+        build_llama_pair(tmp_path / "bad", hidden_size=256, num_heads=16)
+
+
+# -- the HF reference decoder -------------------------------------------------
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_reference_decoder_dera_endpoints_match_generate(pair, tokenizer, prompt):
+    aligned, reference = pair
+    prompt_ids = tokenizer(prompt).input_ids
+    expected_ref = _greedy_generate(reference, prompt_ids, MAX_TOKENS)
+    expected_aligned = _greedy_generate(aligned, prompt_ids, MAX_TOKENS)
+
+    got_ref = hf_reference.generate(aligned, reference, prompt_ids,
+                                    {"method": "dera", "lambda": 0.0}, MAX_TOKENS)
+    got_aligned = hf_reference.generate(aligned, reference, prompt_ids,
+                                        {"method": "dera", "lambda": 1.0}, MAX_TOKENS)
+    assert got_ref == expected_ref
+    assert got_aligned == expected_aligned
+    # 'none' and AAD with alpha=1 (V_alpha = the aligned argmax) are plain greedy too.
+    assert hf_reference.generate(aligned, None, prompt_ids, {"method": "none"},
+                                 MAX_TOKENS) == expected_aligned
+    assert hf_reference.generate(aligned, reference, prompt_ids,
+                                 {"method": "aad", "alpha": 1.0}, MAX_TOKENS) == expected_aligned
+
+
+def test_reference_decoder_methods_change_the_output(pair, tokenizer):
+    """The toy pair is different enough for DeRa/AAD to matter."""
+    aligned, reference = pair
+    outputs = {}
+    for name, spec in {"ref": {"method": "dera", "lambda": 0.0},
+                       "aligned": {"method": "none"},
+                       "aad": {"method": "aad", "alpha": 0.1}}.items():
+        outputs[name] = [hf_reference.generate(aligned, reference, tokenizer(p).input_ids,
+                                               spec, MAX_TOKENS) for p in PROMPTS]
+    assert outputs["ref"] != outputs["aligned"]
+    assert outputs["aad"] != outputs["aligned"]
+
+
+def test_reference_decoder_aad_steps(pair, tokenizer):
+    aligned, reference = pair
+    prompt_ids = tokenizer(PROMPTS[0]).input_ids
+    ids, steps = hf_reference.generate(aligned, reference, prompt_ids,
+                                       {"method": "aad", "alpha": 0.1}, 8, return_steps=True)
+    assert ids == [s.token for s in steps]
+    for step in steps:
+        assert step.token in step.candidates
+        assert step.margin >= 0
+    # Entropy threshold so large it always fires: V_alpha ranked by p_dpo = greedy.
+    greedy = _greedy_generate(aligned, prompt_ids, 8)
+    assert hf_reference.generate(
+        aligned, reference, prompt_ids,
+        {"method": "aad", "alpha": 0.1, "entropy_threshold": 1e9}, 8) == greedy
+
+
+def test_reference_decoder_eos_handling(pair, tokenizer):
+    aligned, reference = pair
+    prompt_ids = tokenizer(PROMPTS[2]).input_ids
+    eos = tokenizer.eos_token_id
+    # Pretend the first greedy token is EOS: decoding stops right after it...
+    first = hf_reference.generate(aligned, reference, prompt_ids, {"method": "none"}, 1)[0]
+    assert hf_reference.generate(aligned, reference, prompt_ids, {"method": "none"}, 5,
+                                 eos_token_id=first) == [first]
+    # ...unless EOS is ignored.
+    assert len(hf_reference.generate(aligned, reference, prompt_ids, {"method": "none"}, 5,
+                                     eos_token_id=first, ignore_eos=True)) == 5
+    assert eos is not None

@@ -1,0 +1,64 @@
+"""``vllm-align``: a registry of subcommands; heavy imports live inside them.
+
+Serving is stock ``vllm serve ... --sampler align`` (the plugin adds the flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+_COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, args: Callable[[argparse.ArgumentParser], None]):
+    """Register ``fn(namespace) -> exit code`` as subcommand ``name``; ``args`` adds its flags."""
+    def wrap(fn):
+        _COMMANDS[name] = (help, args, fn)
+        return fn
+    return wrap
+
+
+def _toy_models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out_dir", help="directory for the aligned/ and reference/ checkpoints")
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("toy-models", "build a small local aligned/reference Llama pair (no downloads)",
+         args=_toy_models_args)
+def toy_models(args: argparse.Namespace) -> int:
+    from vllm_align.toy.models import build_llama_pair
+
+    aligned, reference = build_llama_pair(
+        args.out_dir, hidden_size=args.hidden_size, num_layers=args.num_layers,
+        vocab_size=args.vocab_size, seed=args.seed)
+    print(f"aligned:   {aligned}\nreference: {reference}")
+    return 0
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-align", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_args, _) in _COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _, _, fn = _COMMANDS[args.command]
+    return fn(args)
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
