@@ -26,8 +26,8 @@ MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def pair_paths(tmp_path_factory):
-    return build_llama_pair(tmp_path_factory.mktemp("toy") / "pair", seed=0)
+def pair_paths(tiny_pair):
+    return tiny_pair  # conftest.py: build_llama_pair(tmp dir, seed=0), once per session
 
 
 @pytest.fixture(scope="module")
