@@ -23,7 +23,7 @@ def command(name: str, help: str, args: Callable[[argparse.ArgumentParser], None
 
 def _toy_models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", help="directory for the aligned/ and reference/ checkpoints")
-    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--hidden-size", type=int, default=256, help="a multiple of 64 (head size 64)")
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
@@ -36,14 +36,15 @@ def toy_models(args: argparse.Namespace) -> int:
 
     aligned, reference = build_llama_pair(
         args.out_dir, hidden_size=args.hidden_size, num_layers=args.num_layers,
-        vocab_size=args.vocab_size, seed=args.seed)
+        num_heads=args.hidden_size // 64, vocab_size=args.vocab_size, seed=args.seed)
     print(f"aligned:   {aligned}\nreference: {reference}")
     return 0
 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vllm-align", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="vllm-align", description="vllm-align tools (serving is `vllm serve --sampler align`)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_args, _) in _COMMANDS.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text))
