@@ -22,7 +22,7 @@ class VllmPatch:
     @classmethod
     def apply(cls) -> None:
         check_version(f"{cls.__module__}.{cls.__name__}", cls.written_for)
-        if getattr(cls, "_originals", None) is not None and cls.__dict__.get("_originals"):
+        if "_originals" in cls.__dict__:  # already applied in this process
             return
         cls._originals = {}
         for name in cls.replaces:

@@ -17,26 +17,21 @@ from vllm_align.patches.base import VllmPatch
 BODY_FIELD = "alignment"
 
 
-def _with_alignment(request, params):
-    spec = (request.model_extra or {}).get(BODY_FIELD)
-    if spec is not None:
-        params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: spec}
-    return params
+def _alignment_field_patch(request_cls: type) -> type[VllmPatch]:
+    class Patch(VllmPatch):
+        target = request_cls
+        replaces = ("to_sampling_params",)
+
+        def to_sampling_params(self, *args, **kwargs):
+            params = Patch.original("to_sampling_params")(self, *args, **kwargs)
+            spec = (self.model_extra or {}).get(BODY_FIELD)
+            if spec is not None:
+                params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: spec}
+            return params
+
+    Patch.__name__ = Patch.__qualname__ = f"{request_cls.__name__}Patch"
+    return Patch
 
 
-class CompletionRequestPatch(VllmPatch):
-    target = CompletionRequest
-    replaces = ("to_sampling_params",)
-
-    def to_sampling_params(self, *args, **kwargs):
-        params = CompletionRequestPatch.original("to_sampling_params")(self, *args, **kwargs)
-        return _with_alignment(self, params)
-
-
-class ChatCompletionRequestPatch(VllmPatch):
-    target = ChatCompletionRequest
-    replaces = ("to_sampling_params",)
-
-    def to_sampling_params(self, *args, **kwargs):
-        params = ChatCompletionRequestPatch.original("to_sampling_params")(self, *args, **kwargs)
-        return _with_alignment(self, params)
+CompletionRequestPatch = _alignment_field_patch(CompletionRequest)
+ChatCompletionRequestPatch = _alignment_field_patch(ChatCompletionRequest)

@@ -1,0 +1,60 @@
+"""The patch layer: version guard and originals kept."""
+
+import pytest
+
+from vllm_align import patches
+from vllm_align.patches.base import VllmPatch
+
+
+def test_installed_vllm_is_the_supported_one():
+    assert patches.vllm_version().startswith(patches.SUPPORTED_VLLM + ".")
+
+
+def test_patch_for_another_vllm_version_fails_loudly():
+    class Target:
+        def f(self):
+            return "original"
+
+    class FuturePatch(VllmPatch):
+        target = Target
+        replaces = ("f",)
+        written_for = "9.9"
+
+        def f(self):
+            return "patched"
+
+    with pytest.raises(RuntimeError, match="written for vLLM 9.9"):
+        FuturePatch.apply()
+    assert Target().f() == "original"
+
+
+def test_patch_keeps_and_calls_the_original():
+    class Target:
+        def f(self, x):
+            return x + 1
+
+    class AddOne(VllmPatch):
+        target = Target
+        replaces = ("f",)
+
+        def f(self, x):
+            return AddOne.original("f")(self, x) * 10
+
+    AddOne.apply()
+    AddOne.apply()  # idempotent
+    assert Target().f(1) == 20
+
+
+def test_missing_target_attribute_fails_loudly():
+    class Target:
+        pass
+
+    class Missing(VllmPatch):
+        target = Target
+        replaces = ("gone",)
+
+        def gone(self):
+            pass
+
+    with pytest.raises(RuntimeError, match="Target.gone not found"):
+        Missing.apply()
