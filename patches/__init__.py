@@ -44,11 +44,13 @@ def apply_patches() -> None:
     global _applied
     if _applied:
         return
-    from vllm_align.patches import engine_args, input_processor, openai_request
+    from vllm_align.patches import (engine_args, input_processor, openai_request,
+                                    serve_command)
 
     for patch in (engine_args.EngineArgsPatch,
                   input_processor.InputProcessorPatch,
                   openai_request.CompletionRequestPatch,
-                  openai_request.ChatCompletionRequestPatch):
+                  openai_request.ChatCompletionRequestPatch,
+                  serve_command.ServeSubcommandPatch):
         patch.apply()
     _applied = True

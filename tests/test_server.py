@@ -179,3 +179,17 @@ def test_engine_without_reference_refuses_dera_per_request(tiny_pair, tmp_path):
         assert _complete(client, aligned).choices[0].text
     finally:
         _stop(proc)
+
+
+def test_incompatible_pair_refuses_to_start_with_one_line(tiny_pair, tmp_path):
+    from vllm_align.toy.models import build_llama_pair
+
+    _, other_vocab = build_llama_pair(tmp_path / "other", vocab_size=512, seed=1)
+    vllm = str(Path(sys.executable).with_name("vllm"))
+    done = subprocess.run([vllm, "serve", tiny_pair[0], "--sampler", "align",
+                           "--reference-model", other_vocab], capture_output=True,
+                          text=True, timeout=STARTUP_S)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("vllm-align: refusing to start: vocabulary size mismatch")
+    assert "Traceback" not in done.stderr
