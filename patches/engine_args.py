@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 from vllm.engine.arg_utils import EngineArgs
 
 from vllm_align.config import EXTRA_ARGS_KEY, AlignConfigError, EngineAlignConfig
 from vllm_align.patches.base import VllmPatch
+
+logger = logging.getLogger("vllm.vllm_align")  # under vLLM's logger: its format and level
 
 
 def _json_object(text: str) -> dict:
@@ -80,6 +83,11 @@ class EngineArgsPatch(VllmPatch):
                 self.model, align.reference_model, tokenizer=self.tokenizer,
                 revision=self.revision, trust_remote_code=self.trust_remote_code)}
         config = EngineArgsPatch.original("create_engine_config")(self, *args, **kwargs)
+        import vllm_align
+
+        if vllm_align.selected_v1_runner:
+            logger.info("vllm-align: using vLLM's V1 model runner (the plugin set "
+                        "VLLM_USE_V2_MODEL_RUNNER=0; set it yourself to override)")
         if self.additional_config.get(EXTRA_ARGS_KEY) is not None and config.use_v2_model_runner:
             raise AlignConfigError(
                 "vllm-align runs on vLLM's V1 model runner; unset "

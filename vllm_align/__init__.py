@@ -6,12 +6,12 @@ every process (API server, engine core, workers).
 
 from __future__ import annotations
 
-import logging
 import os
 
 __version__ = "0.1.0"
 
-logger = logging.getLogger(__name__)
+# Set when register() chose the V1 runner (logged once vLLM's logging is set up).
+selected_v1_runner = False
 
 
 def register() -> None:
@@ -22,9 +22,9 @@ def register() -> None:
     apply_patches()
     ModelRegistry.register_model(
         "AlignedPairForCausalLM", "vllm_align.engine.pair_model:AlignedPairForCausalLM")
+    global selected_v1_runner
     if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
         # Our batch state is a V1 logits processor; the V2 runner (GPU default)
         # has another interface. Spawned engine processes inherit this.
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-        logger.info("vllm-align: selecting vLLM's V1 model runner "
-                    "(VLLM_USE_V2_MODEL_RUNNER=0)")
+        selected_v1_runner = True

@@ -6,7 +6,7 @@ import logging
 
 from vllm_align.config import AlignConfigError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.vllm_align")  # under vLLM's logger: its format and level
 
 
 def pair_overrides(aligned: str, reference: str, *, tokenizer: str | None,
