@@ -77,6 +77,10 @@ class EngineArgsPatch(VllmPatch):
                 raise AlignConfigError(
                     "vllm-align cannot run with speculative decoding (vLLM refuses "
                     "logits processors there); drop --speculative-config")
+            if self.pipeline_parallel_size > 1:
+                raise AlignConfigError(
+                    "vllm-align does not support pipeline parallelism yet "
+                    f"(--pipeline-parallel-size {self.pipeline_parallel_size}); use tensor parallelism")
             if callable(self.hf_overrides):
                 raise AlignConfigError("vllm-align needs hf_overrides as a dict, not a callable")
             self.hf_overrides = {**(self.hf_overrides or {}), **pair_overrides(

@@ -92,7 +92,10 @@ class AlignedPairForCausalLM(nn.Module):
         state = state_for(self.vllm_config)
         if state is None or not state.take_sampling_call(hidden_states.shape[0]):
             return logits
+        # Called on every tensor-parallel rank alike: it may gather across ranks.
         ref_logits = self.reference.compute_logits(h_ref) if state.needs_reference else None
+        if logits is None:  # a tensor-parallel rank that does not sample
+            return None
         return state.apply_rule(logits, ref_logits)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
