@@ -41,6 +41,20 @@ def toy_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out-dir", default=None,
+                   help="where the toy world is built or reused (default: ./.cache/toy-world)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-serve", action="store_true", help="skip the vllm serve part")
+
+
+@command("demo", "train a toy SFT/DPO pair and compare SFT, DPO, DeRa and AAD "
+         "offline and served", args=_demo_args)
+def demo(args: argparse.Namespace) -> int:
+    from vllm_align.toy.demo import main as demo_main
+
+    return demo_main(args.out_dir, seed=args.seed, serve=not args.no_serve)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

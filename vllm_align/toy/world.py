@@ -1,30 +1,41 @@
 """An offline "toy world" for decoding-time alignment: an SFT model, a DPO model, a reward.
 
-Everything is built locally from fixed seeds in a few minutes on 2 CPU cores:
+Everything is built locally from fixed seeds, in 1.5 to 2.5 minutes on 2 CPU cores:
 
-1. **Corpus.** Chat requests such as ``"please tell me about the old bridge"`` and
-   answers made of two or three simple sentences about the topic, framed by an
-   optional opener (``"Thank you for asking."``) and closer (``"Glad to help."``).
-   Each answer draws a *politeness level*: every slot (opener, each sentence,
-   closer) independently takes its polite variant with that probability. The
-   level depends on the request (its phrasing and topic, see ``_politeness``),
-   so different prompts sit at different distances from "polite": a dial such
-   as DeRa's lambda then flips them one after another instead of all at once.
+1. **Corpus.** Chat requests such as ``"please tell me about the old bridge"``
+   and answers of a fixed shape: an opener, two sentences about the topic each
+   with a lead-in, a closer. Every slot has a plain and a polite variant of
+   about the same length (``"Sure thing."`` / ``"Thank you."``, ``"in fact"`` /
+   ``"kindly note"``, ``"That is all."`` / ``"You are welcome."``), so
+   politeness never changes the length or content of an answer. Each slot is
+   polite with a probability that depends on the request (its phrasing and
+   its topic) and on the slot: different prompts and slots sit at different
+   distances from "polite", so a dial such as DeRa's lambda flips them one
+   after another instead of all at once.
 2. **SFT.** A tiny ``LlamaForCausalLM`` (hidden 128, 2 heads of 64, 2 layers,
-   a 512-token BPE trained on the corpus) learns the answers given the chat
-   prompt, plain PyTorch AdamW on the answer tokens.
+   a 512-token byte-level BPE trained on the corpus) learns the answers given
+   the chat prompt: plain PyTorch AdamW on the answer tokens.
 3. **DPO.** Initialised from SFT, trained with the standard DPO loss
-   (``beta = 0.1``) against the frozen SFT model on preference pairs: two
-   answers to the same request drawn from the corpus distribution (the
-   distribution SFT was fitted to), labelled by ``polite_reward``; chosen =
-   the higher reward, ties dropped.
+   (``beta = 0.1``) against the frozen SFT model on preference pairs drawn
+   from the corpus distribution (the one SFT was fitted to): two answers to
+   the same request with the same content and independently drawn slot
+   styles, labelled by ``polite_reward``; chosen = the higher reward, ties
+   dropped. The training is deliberately light (implicit-reward margin about
+   0.1): greedy DPO is clearly more polite than SFT but far from saturated,
+   which leaves room for DeRa's lambda > 1 and for AAD. Much stronger DPO on
+   these pairs (lr 1e-4, 150 steps) collapses the model into degenerate text.
 4. **Reward.** ``polite_reward(text)`` = fraction of the words that are in
-   ``POLITE``. The DPO model's greedy answers score higher than SFT's;
-   DeRa's lambda moves smoothly between and beyond them.
+   ``POLITE``.
 
 ``build_toy_world(out_dir)`` writes ``out_dir/sft`` and ``out_dir/dpo`` (float32
 safetensors checkpoints with the tokenizer and its chat template) and a
-``stamp.json``; a second call with the same arguments returns at once.
+``stamp.json``; a second call with the same arguments returns at once, and a
+file lock makes concurrent builders wait for one another.
+
+Measured through the vLLM engine on the 64 held-out prompts (greedy, 96 tokens,
+seeds 0-3; mean reward): DeRa lambda 0 (= SFT) 0.02-0.04, 0.5: 0.04-0.07,
+1 (= DPO) 0.08-0.09, 1.5: 0.12-0.13, 2: 0.15-0.17; AAD alpha 0.1: 0.17-0.19.
+Build: about 75 s on 2 idle cores, 135 s with the machine under load.
 """
 
 from __future__ import annotations
@@ -100,12 +111,21 @@ _REQUESTS = [
     ("give me facts about {t}", -1.2),
 ]
 
-_POLITE_OPENERS = ["Thank you for asking.", "I am glad to help.", "Happy to help.",
-                   "Thanks for the question.", "Sorry for the wait."]
-_PLAIN_OPENERS = ["Here is what I know.", "Okay.", "Sure.", "Well."]
-_POLITE_CLOSERS = ["I hope this helps, thank you.", "You are welcome to ask again.",
-                   "Please ask me more.", "Thank you kindly.", "Glad to help."]
-_PLAIN_CLOSERS = ["That is all.", "I hope this helps.", "Ask me more."]
+# Every answer is: opener, two sentences each with a lead-in, closer. Each slot
+# has a plain and a polite variant of about the same length, chosen by the
+# same index, so politeness never changes the answer's length or content: a
+# preference for it cannot be learned as "stop earlier" or "say less".
+_OPENERS = (["Sure thing.", "Okay, here goes.", "Right, listen up.", "Here it is."],
+            ["Thank you.", "Glad you asked.", "Happy to help.", "Thanks for asking."])
+_LEADS = (["note that", "in fact", "we know", "it seems"],
+          ["please note", "kindly note", "sorry but", "glad to say"])
+_CLOSERS = (["That is all.", "Ask me more.", "Hope this helps.", "End of answer."],
+            ["Thank you kindly.", "You are welcome.", "Please ask again.", "Glad to help."])
+# Per-slot shift of the politeness log-odds: openers are polite more often
+# than lead-ins, so a dial flips different slots at different settings.
+_OPENER_SHIFT, _LEAD_SHIFT, _CLOSER_SHIFT = 0.4, -0.4, 0.0
+_BASE_LOGIT = -1.4
+_SENTENCES = 2
 
 
 def _noun_bias(noun: str) -> float:
@@ -113,9 +133,8 @@ def _noun_bias(noun: str) -> float:
     return ((sum(map(ord, noun)) * 37) % 17 - 8) / 10
 
 
-def _politeness(template_bias: float, noun: str) -> float:
-    """Probability that each slot of an answer takes its polite variant."""
-    return 1 / (1 + math.exp(-(-1.5 + template_bias + _noun_bias(noun))))
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,21 +142,27 @@ class _Request:
     text: str
     noun: str
     adjective: str | None
-    politeness: float
+    logit: float  # politeness log-odds before the per-slot shift
+
+    def slot_probs(self) -> list[float]:
+        """Probability of the polite variant for each slot, in answer order."""
+        return ([_sigmoid(self.logit + _OPENER_SHIFT)]
+                + [_sigmoid(self.logit + _LEAD_SHIFT)] * _SENTENCES
+                + [_sigmoid(self.logit + _CLOSER_SHIFT)])
 
 
 def _all_requests() -> list[_Request]:
     out = []
     for template, bias in _REQUESTS:
         for noun in _NOUNS:
-            p = _politeness(bias, noun)
-            out.append(_Request(template.format(t=f"the {noun}"), noun, None, p))
+            logit = _BASE_LOGIT + bias + _noun_bias(noun)
+            out.append(_Request(template.format(t=f"the {noun}"), noun, None, logit))
             for adj in _ADJECTIVES:
-                out.append(_Request(template.format(t=f"the {adj} {noun}"), noun, adj, p))
+                out.append(_Request(template.format(t=f"the {adj} {noun}"), noun, adj, logit))
     return out
 
 
-def _sentence(rng: random.Random, req: _Request, polite: bool) -> str:
+def _body(rng: random.Random, req: _Request) -> str:
     noun = req.noun
     adj = req.adjective or rng.choice(_ADJECTIVES)
     other = rng.choice([n for n in _NOUNS if n != noun])
@@ -145,35 +170,37 @@ def _sentence(rng: random.Random, req: _Request, polite: bool) -> str:
     kind = rng.randrange(4)
     if kind == 0:
         second = rng.choice([a for a in _ADJECTIVES if a != adj])
-        body = f"the {noun} is {adj} and {second}"
-    elif kind == 1:
-        body = f"the {noun} {past} the {other} {rng.choice(_PREPOSITIONS)} the " \
-               f"{rng.choice(_NOUNS)}"
-    elif kind == 2:
-        body = f"people {base} the {adj} {noun} {rng.choice(_ADVERBS)}"
-    else:
-        body = f"the {noun} is {rng.choice(_PREPOSITIONS)} the {adj} {other}"
-    if polite:
-        lead = rng.choice(["please note that", "i am happy to say that", "kindly note that",
-                           "i am glad to say that"])
-        body = f"{lead} {body}"
-    return body[0].upper() + body[1:] + "."
+        return f"the {noun} is {adj} and {second}"
+    if kind == 1:
+        return (f"the {noun} {past} the {other} {rng.choice(_PREPOSITIONS)} "
+                f"the {rng.choice(_NOUNS)}")
+    if kind == 2:
+        return f"people {base} the {adj} {noun} {rng.choice(_ADVERBS)}"
+    return f"the {noun} is {rng.choice(_PREPOSITIONS)} the {adj} {other}"
+
+
+def _compose(rng: random.Random, req: _Request, polite: Sequence[bool]) -> str:
+    """An answer whose content comes from ``rng`` and whose slot styles from ``polite``.
+
+    ``rng`` is consumed the same way whatever ``polite`` says, so two calls with
+    equal generator states differ only in the polite/plain slot variants.
+    """
+    opener = _OPENERS[polite[0]][rng.randrange(4)]
+    sentences = []
+    for i in range(_SENTENCES):
+        lead = _LEADS[polite[1 + i]][rng.randrange(4)]
+        text = f"{lead} {_body(rng, req)}"
+        sentences.append(text[0].upper() + text[1:] + ".")
+    closer = _CLOSERS[polite[-1]][rng.randrange(4)]
+    return " ".join([opener, *sentences, closer])
+
+
+def _draw_styles(rng: random.Random, req: _Request) -> list[bool]:
+    return [rng.random() < p for p in req.slot_probs()]
 
 
 def _response(rng: random.Random, req: _Request) -> str:
-    p = req.politeness
-    parts = []
-    if rng.random() < p:
-        parts.append(rng.choice(_POLITE_OPENERS))
-    elif rng.random() < 0.5:
-        parts.append(rng.choice(_PLAIN_OPENERS))
-    for _ in range(rng.choice((2, 2, 3))):
-        parts.append(_sentence(rng, req, rng.random() < p))
-    if rng.random() < p:
-        parts.append(rng.choice(_POLITE_CLOSERS))
-    elif rng.random() < 0.5:
-        parts.append(rng.choice(_PLAIN_CLOSERS))
-    return " ".join(parts)
+    return _compose(rng, req, _draw_styles(rng, req))
 
 
 def _split_requests(seed: int, num_eval: int) -> tuple[list[_Request], list[_Request]]:
@@ -227,14 +254,14 @@ class _Recipe:
     num_layers: int = 2
     intermediate_size: int = 384
     max_positions: int = 512
-    sft_examples: int = 24000
-    sft_steps: int = 1200
+    sft_examples: int = 16000
+    sft_steps: int = 500
     sft_batch: int = 64
     sft_lr: float = 3e-3
-    dpo_pairs: int = 8000
-    dpo_steps: int = 300
+    dpo_pairs: int = 4000
+    dpo_steps: int = 100
     dpo_batch: int = 32
-    dpo_lr: float = 3e-4
+    dpo_lr: float = 1e-5
     dpo_beta: float = 0.1
     num_eval: int = 64
     threads: int = 2
@@ -249,8 +276,6 @@ def _pad(rows: Sequence[Sequence[int]], value: int):
 
 def _batch_tensors(examples: Sequence[tuple[list[int], list[int]]], pad_id: int):
     """(input_ids, attention_mask, labels) with -100 on prompt and padding."""
-    import torch
-
     ids = [p + r for p, r in examples]
     input_ids = _pad(ids, pad_id)
     mask = _pad([[1] * len(x) for x in ids], 0)
@@ -307,8 +332,13 @@ def _preference_pairs(tokenizer, recipe: _Recipe):
     eos = tokenizer.convert_tokens_to_ids(EOS)
     pairs = []
     while len(pairs) < recipe.dpo_pairs:
+        # Two answers drawn from the corpus distribution with the same content
+        # and independently drawn slot styles: the pair differs only where
+        # politeness does, so DPO learns little besides it.
         req = rng.choice(train)
-        a, b = _response(rng, req), _response(rng, req)
+        content = rng.getrandbits(64)
+        a = _compose(random.Random(content), req, _draw_styles(rng, req))
+        b = _compose(random.Random(content), req, _draw_styles(rng, req))
         ra, rb = polite_reward(a), polite_reward(b)
         if ra == rb:
             continue
@@ -386,17 +416,18 @@ def _build(out: Path, recipe: _Recipe, log) -> dict:
         generation = GenerationConfig(bos_token_id=ids[BOS], eos_token_id=ids[EOS],
                                       pad_token_id=ids[PAD])
 
-        sft = LlamaForCausalLM(config).float()
-        sft_loss = _train_sft(sft, data, recipe, ids[PAD], log)
+        model = LlamaForCausalLM(config).float()
+        sft_loss = _train_sft(model, data, recipe, ids[PAD], log)
         sft_done = time.monotonic()
-        _save(sft, generation, tokenizer, out / "sft")
+        _save(model, generation, tokenizer, out / "sft")
 
+        # DPO trains ``model`` further against a frozen copy of the SFT weights.
         reference = LlamaForCausalLM(config).float().eval()
-        reference.load_state_dict(sft.state_dict())
+        reference.load_state_dict(model.state_dict())
         reference.requires_grad_(False)
         pairs = _preference_pairs(tokenizer, recipe)
-        dpo_stats = _train_dpo(sft, reference, pairs, recipe, ids[PAD], log)
-        _save(sft, generation, tokenizer, out / "dpo")
+        dpo_stats = _train_dpo(model, reference, pairs, recipe, ids[PAD], log)
+        _save(model, generation, tokenizer, out / "dpo")
     finally:
         torch.set_num_threads(threads)
     done = time.monotonic()
@@ -409,8 +440,16 @@ def _build(out: Path, recipe: _Recipe, log) -> dict:
 
 
 def _save(model, generation, tokenizer, path: Path) -> None:
+    from transformers.utils import logging as hf_logging
+
     model.generation_config = generation
-    model.save_pretrained(str(path))
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one tiny shard: the bar is noise
+    try:
+        model.save_pretrained(str(path))
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     save_tokenizer(tokenizer, path)
 
 
@@ -418,7 +457,7 @@ def _save(model, generation, tokenizer, path: Path) -> None:
 # Public entry point
 # ---------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class ToyWorld:
     """A built toy world: checkpoints, held-out prompts and the rule reward."""
 
@@ -442,8 +481,8 @@ def build_toy_world(out_dir: str | os.PathLike, seed: int = 0, *,
 
     Layout: ``out_dir/sft``, ``out_dir/dpo`` (HF checkpoints, float32
     safetensors, tokenizer with chat template), ``out_dir/stamp.json``.
-    Deterministic in ``seed`` on a given machine; about two to three minutes
-    on 2 CPU cores the first time, instant afterwards. ``log`` receives
+    Deterministic in ``seed`` on a given machine; 1.5 to 2.5 minutes on 2 CPU
+    cores the first time, instant afterwards. ``log`` receives
     training progress lines (default: silent).
     """
     recipe = _Recipe(seed=seed)
@@ -476,3 +515,29 @@ def _read_stamp(path: Path, key: dict, dirs) -> dict | None:
                and (d / "tokenizer.json").is_file() for d in dirs):
         return None
     return stamp.get("stats", {})
+
+
+def generate_by_method(llm, prompt_ids: Sequence[Sequence[int]], methods: dict[str, dict],
+                       *, max_tokens: int = 96) -> dict[str, list]:
+    """Greedy-decode every prompt with every method in ONE ``llm.generate`` batch.
+
+    Args:
+        llm: a ``vllm.LLM`` on the DPO model with the SFT model as reference.
+        prompt_ids: chat-formatted prompts (``ToyWorld.prompt_token_ids``).
+        methods: display name -> ``extra_args["align"]`` spec.
+    Returns:
+        display name -> one ``CompletionOutput`` per prompt, in prompt order.
+    """
+    from vllm import SamplingParams
+
+    requests, params = [], []
+    for spec in methods.values():
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0,
+                            extra_args={"align": dict(spec)})
+        for ids in prompt_ids:
+            requests.append({"prompt_token_ids": list(ids)})
+            params.append(sp)
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    n = len(prompt_ids)
+    return {name: [o.outputs[0] for o in outputs[i * n:(i + 1) * n]]
+            for i, name in enumerate(methods)}

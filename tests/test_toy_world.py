@@ -1,0 +1,122 @@
+"""The toy world (vllm_align.toy.world) decoded through the engine.
+
+The world is a tiny SFT model, a DPO model trained from it on a rule-based
+politeness preference, and the rule reward. Through one vLLM engine (DPO model
+aligned, SFT model reference) and one mixed batch over the 64 held-out prompts:
+
+* the mean polite reward rises strictly with DeRa's lambda over {0, 0.5, 1, 2};
+* AAD (alpha 0.1) beats greedy decoding of the DPO model.
+
+Measured with seeds 0-3 (mean reward over 64 prompts): lambda 0 -> 0.02-0.04,
+0.5 -> 0.04-0.07, 1 -> 0.08-0.09, 2 -> 0.15-0.17; AAD 0.17-0.19.
+Neighbouring values differ by about 0.02 or more: some 25 of the 256 polite/plain
+slot choices (4 per answer) would have to go the other way to break an order.
+
+The build takes 1.5-2.5 minutes the first time (more on a busy machine) and is
+cached, stamped by its recipe, in the repository's ``.cache/toy-world``, which
+``make demo`` shares; ``VLLM_ALIGN_TOY_WORLD_DIR`` moves it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+
+from vllm_align.toy import world as toy
+
+WORLD_DIR = Path(os.environ.get("VLLM_ALIGN_TOY_WORLD_DIR",
+                                Path(__file__).resolve().parents[1] / ".cache" / "toy-world"))
+LAMBDAS = (0.0, 0.5, 1.0, 2.0)
+METHODS = {
+    **{f"dera {lam}": {"method": "dera", "lambda": lam} for lam in LAMBDAS},
+    "none": {"method": "none"},
+    "aad 0.1": {"method": "aad", "alpha": 0.1},
+}
+
+
+@pytest.fixture(scope="module")
+def world() -> toy.ToyWorld:
+    return toy.build_toy_world(WORLD_DIR, seed=0)
+
+
+@pytest.fixture(scope="module")
+def outputs(world):
+    """Method name -> CompletionOutput per held-out prompt, all from ONE generate call."""
+    from vllm import LLM
+
+    llm = LLM(model=world.dpo_path, dtype="float32", max_model_len=256, seed=0,
+              additional_config={"align": {"reference_model": world.sft_path}})
+    try:
+        yield toy.generate_by_method(llm, world.prompt_token_ids(llm.get_tokenizer()),
+                                     METHODS, max_tokens=96)
+    finally:
+        del llm
+
+
+def _mean_reward(world, outs) -> float:
+    return statistics.mean(world.reward(o.text) for o in outs)
+
+
+# -- no engine --------------------------------------------------------------
+
+def test_polite_reward():
+    assert toy.polite_reward("") == 0.0
+    assert toy.polite_reward("The dog is old.") == 0.0
+    assert toy.polite_reward("Thank you.") == 0.5
+    assert toy.polite_reward("Please, PLEASE help!") == pytest.approx(2 / 3)
+    assert toy.polite_reward("You are welcome, sorry.") == 0.5
+
+
+def test_eval_prompts_are_held_out():
+    prompts = toy.eval_prompts(seed=0)
+    assert len(prompts) == len(set(prompts)) == 64
+    train, _ = toy._split_requests(seed=0, num_eval=64)
+    assert not {r.text for r in train} & set(prompts)
+    assert not {p for p, _ in toy.toy_corpus(5000, seed=0)} & set(prompts)
+
+
+def test_build_is_stamped_and_reused(world):
+    again = toy.build_toy_world(WORLD_DIR, seed=0)
+    assert (again.sft_path, again.dpo_path, again.prompts) == \
+        (world.sft_path, world.dpo_path, world.prompts)
+    for path in (world.sft_path, world.dpo_path):
+        assert (Path(path) / "model.safetensors").is_file()
+        assert (Path(path) / "tokenizer.json").is_file()
+
+
+# -- through the engine -----------------------------------------------------
+
+def test_dera_reward_rises_with_lambda(world, outputs):
+    rewards = [_mean_reward(world, outputs[f"dera {lam}"]) for lam in LAMBDAS]
+    assert all(a < b for a, b in zip(rewards, rewards[1:])), dict(zip(LAMBDAS, rewards))
+
+
+def test_dpo_is_more_polite_than_sft_and_equals_lambda_one(world, outputs):
+    # lambda=1 mixes nothing in: token for token the DPO model alone.
+    assert [o.token_ids for o in outputs["dera 1.0"]] == [o.token_ids for o in outputs["none"]]
+    assert _mean_reward(world, outputs["none"]) > _mean_reward(world, outputs["dera 0.0"])
+
+
+def test_aad_beats_greedy_dpo(world, outputs):
+    aad = _mean_reward(world, outputs["aad 0.1"])
+    dpo = _mean_reward(world, outputs["none"])
+    assert aad > dpo, (aad, dpo)
+
+
+_KNOWN_WORD = re.compile(r"[A-Za-z]+")
+
+
+def test_answers_are_readable_and_finish(world, outputs):
+    """No method degenerates: answers end with EOS and use the corpus's words."""
+    vocab = {w.lower() for _, r in toy.toy_corpus(2000, seed=0)
+             for w in _KNOWN_WORD.findall(r)}
+    for name, outs in outputs.items():
+        finished = sum(o.finish_reason == "stop" for o in outs)
+        assert finished == len(outs), (name, finished)
+        words = [w.lower() for o in outs for w in _KNOWN_WORD.findall(o.text)]
+        unknown = [w for w in words if w not in vocab]
+        assert len(unknown) <= 0.01 * len(words), (name, unknown[:10])

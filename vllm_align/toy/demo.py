@@ -1,0 +1,250 @@
+"""The vllm-align demo: the toy world decoded offline and through ``vllm serve``.
+
+1. Builds (or reuses) the toy world (``vllm_align.toy.world``): a tiny SFT
+   model, a DPO model trained from it to be polite, and the polite reward.
+2. Offline: one ``vllm.LLM`` on the DPO model with the SFT model as reference
+   decodes every held-out prompt with every method in ONE mixed batch; prints a
+   few prompts side by side and the mean reward per method.
+3. Served: starts ``vllm serve DPO --sampler align --reference-model SFT`` on
+   loopback, sends the same few prompts with per-request
+   ``extra_body={"alignment": ...}`` through the ``openai`` client (the
+   methods of one prompt concurrently, so they share server batches), prints
+   them, and stops the server (also on errors and Ctrl-C).
+
+Run ``make demo``, ``python examples/demo.py`` or ``vllm-align demo``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Sequence
+
+# Display name -> alignment spec (extra_args["align"] offline, "alignment" served).
+# DeRa lambda=0 is the reference (SFT) model alone, "none" the aligned (DPO) one.
+METHODS: dict[str, dict] = {
+    "reference (SFT)": {"method": "dera", "lambda": 0.0},
+    "DeRa lambda=0.5": {"method": "dera", "lambda": 0.5},
+    "aligned (DPO)": {"method": "none"},
+    "DeRa lambda=1.5": {"method": "dera", "lambda": 1.5},
+    "DeRa lambda=2": {"method": "dera", "lambda": 2.0},
+    "AAD alpha=0.1": {"method": "aad", "alpha": 0.1},
+}
+SHOWN_PROMPTS = 3
+MAX_TOKENS = 96
+MAX_MODEL_LEN = 256
+SERVER_STARTUP_S = 300
+WIDTH = 100
+
+
+def default_world_dir() -> Path:
+    """``.cache/toy-world`` in the current directory (gitignored in the repository)."""
+    return Path.cwd() / ".cache" / "toy-world"
+
+
+def main(out_dir: str | os.PathLike | None = None, *, seed: int = 0,
+         serve: bool = True) -> int:
+    """Run the demo; returns a process exit code."""
+    # Tiny models need little KV cache; keep vLLM's log lines out of the tables.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # vLLM's engine processes inherit this (they start with spawn).
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    started = time.monotonic()
+    out = Path(out_dir) if out_dir is not None else default_world_dir()
+
+    from vllm_align.toy.world import build_toy_world
+
+    _heading(f"Toy world in {out}")
+    world = build_toy_world(out, seed=seed, log=lambda line: print("  " + line, flush=True))
+    print(f"  SFT model: {world.sft_path}\n  DPO model: {world.dpo_path}")
+    print(f"  reward: fraction of polite words; {len(world.prompts)} held-out prompts")
+    if "build_seconds" in world.stats:
+        print(f"  built in {world.stats['build_seconds']:.0f}s (cached for the next run)")
+
+    shown = world.prompts[:SHOWN_PROMPTS]
+    try:
+        offline = _offline(world)
+        if serve:
+            served = _served(world, shown)
+            same = sum(served[p][name] == offline[p][name] for p in shown for name in METHODS)
+            print(f"\nServed responses identical to the offline ones: {same}/"
+                  f"{len(shown) * len(METHODS)}")
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        return 130
+    print(f"\nDemo finished in {time.monotonic() - started:.0f}s.")
+    return 0
+
+
+def _offline(world) -> dict[str, dict[str, str]]:
+    """Decode all held-out prompts with all methods in one batch; print; return shown texts."""
+    import gc
+
+    from vllm import LLM
+
+    from vllm_align.toy.world import generate_by_method
+
+    _heading("Offline: one LLM engine, every method in one batch")
+    for name, spec in METHODS.items():
+        print(f"  {name:<18} extra_args={{'align': {spec}}}")
+    llm = LLM(model=world.dpo_path, dtype="float32", max_model_len=MAX_MODEL_LEN, seed=0,
+              additional_config={"align": {"reference_model": world.sft_path}})
+    try:
+        prompt_ids = world.prompt_token_ids(llm.get_tokenizer())
+        t0 = time.monotonic()
+        outputs = generate_by_method(llm, prompt_ids, METHODS, max_tokens=MAX_TOKENS)
+        seconds = time.monotonic() - t0
+    finally:
+        del llm
+        gc.collect()
+    texts = {name: [o.text for o in outs] for name, outs in outputs.items()}
+    tokens = sum(len(o.token_ids) for outs in outputs.values() for o in outs)
+    print(f"  {len(prompt_ids) * len(METHODS)} sequences, {tokens} tokens in {seconds:.1f}s")
+
+    shown = {}
+    for i, prompt in enumerate(world.prompts[:SHOWN_PROMPTS]):
+        shown[prompt] = {name: texts[name][i] for name in METHODS}
+        _prompt_table(i + 1, prompt, shown[prompt], world.reward)
+
+    print(f"\nMean polite reward over the {len(world.prompts)} held-out prompts "
+          f"(greedy, {MAX_TOKENS} tokens max):")
+    print(f"  {'method':<18} {'reward':>7} {'stderr':>7}")
+    for name in METHODS:
+        rewards = [world.reward(t) for t in texts[name]]
+        stderr = statistics.stdev(rewards) / len(rewards) ** 0.5
+        print(f"  {name:<18} {statistics.mean(rewards):7.4f} {stderr:7.4f}")
+    return shown
+
+
+def _served(world, prompts: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Ask a live ``vllm serve`` the same prompts; print; return the texts."""
+    import openai
+
+    from vllm_align.toy.world import chat_messages
+
+    _heading("Served: vllm serve --sampler align, per-request extra_body={'alignment': ...}")
+    log = Path(world.dpo_path).parent / "serve.log"
+    with _server(world, log) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+        def ask(prompt: str, spec: dict) -> str:
+            reply = client.chat.completions.create(
+                model=world.dpo_path, messages=chat_messages(prompt),
+                max_tokens=MAX_TOKENS, temperature=0, extra_body={"alignment": spec})
+            return reply.choices[0].message.content
+
+        results = {}
+        with ThreadPoolExecutor(max_workers=len(METHODS)) as pool:
+            for i, prompt in enumerate(prompts):
+                futures = {name: pool.submit(ask, prompt, spec)
+                           for name, spec in METHODS.items()}
+                results[prompt] = {name: f.result() for name, f in futures.items()}
+                _prompt_table(i + 1, prompt, results[prompt], world.reward)
+    return results
+
+
+@contextlib.contextmanager
+def _server(world, log: Path) -> Iterator[str]:
+    """Start ``vllm serve`` on a free loopback port; always stop it on exit."""
+    import requests
+
+    port = _free_port()
+    vllm = str(Path(sys.executable).with_name("vllm"))
+    cmd = [vllm, "serve", world.dpo_path, "--sampler", "align",
+           "--reference-model", world.sft_path, "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0"]
+    print(f"  $ vllm serve {world.dpo_path} --sampler align \\\n"
+          f"      --reference-model {world.sft_path} --port {port} ...")
+    print(f"  (full command and server log in {log})", flush=True)
+    with log.open("w") as log_file:
+        log_file.write(" ".join(cmd) + "\n\n")
+        log_file.flush()
+        # Its own session: Ctrl-C reaches only us, and _stop can signal the
+        # server together with its engine-core process.
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        t0 = time.monotonic()
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {proc.returncode}; last lines of "
+                                   f"{log}:\n{_tail(log)}")
+            if time.monotonic() - t0 > SERVER_STARTUP_S:
+                raise RuntimeError(f"vllm serve did not become healthy in "
+                                   f"{SERVER_STARTUP_S}s; last lines of {log}:\n{_tail(log)}")
+            try:
+                if requests.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        print(f"  server up on {url} after {time.monotonic() - t0:.0f}s", flush=True)
+        yield url
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 10) -> None:
+    """SIGTERM the server's process group; SIGKILL what is left after ``grace_s``.
+
+    The group holds the API server and its engine-core process, which can
+    outlive the API server (e.g. when stopped during startup). A second Ctrl-C
+    while waiting skips the grace period.
+    """
+    def signal_group(sig: int) -> bool:
+        try:
+            os.killpg(proc.pid, sig)
+            return True
+        except ProcessLookupError:  # nothing left in the group
+            return False
+
+    deadline = time.monotonic() + grace_s
+    try:
+        if signal_group(signal.SIGTERM):
+            while signal_group(0) and time.monotonic() < deadline:
+                proc.poll()  # reap the leader as soon as it exits
+                time.sleep(0.2)
+    finally:
+        signal_group(signal.SIGKILL)
+        proc.wait()
+        print("  server stopped", flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _heading(text: str) -> None:
+    print(f"\n== {text} " + "=" * max(0, WIDTH - len(text) - 4), flush=True)
+
+
+def _prompt_table(number: int, prompt: str, texts: dict[str, str], reward) -> None:
+    print(f"\n[{number}] user: {prompt}")
+    print(f"  {'method':<18} {'reward':>6}  response")
+    indent = " " * 29
+    for name, text in texts.items():
+        lines = textwrap.wrap(text.strip() or "(empty)", WIDTH - len(indent)) or [""]
+        print(f"  {name:<18} {reward(text):6.3f}  {lines[0]}")
+        for line in lines[1:]:
+            print(indent + line)
+    sys.stdout.flush()
