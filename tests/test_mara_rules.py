@@ -1,0 +1,234 @@
+"""vllm_align.mara.rules against plain per-row implementations.
+
+The candidate sets are checked against ``hf_mara_reference.candidates`` (plain
+Python over one row, float64), the walk against a plain loop over candidates,
+so a vectorisation slip (wrong mask, off-by-one, broadcast) shows up as a
+disagreement.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import hf_mara_reference
+from vllm_align.mara.rules import candidate_set, policy_probs, walk_decisions, walk_step
+
+V = 50
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _check_candidates(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                      max_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids, probs, valid = candidate_set(logits, top_k, top_p, max_k)
+    cols = min(max_k, logits.shape[1])
+    assert ids.shape == probs.shape == valid.shape == (logits.shape[0], cols)
+    assert ids.dtype == torch.int64 and probs.dtype == torch.float32 and valid.dtype == torch.bool
+    full = torch.softmax(logits.double(), dim=-1)
+    for b in range(logits.shape[0]):
+        k = min(int(top_k[b]), max_k)
+        expected, _ = hf_mara_reference.candidates(logits[b], k, float(top_p[b]))
+        n = int(valid[b].sum())
+        assert valid[b, :n].all() and not valid[b, n:].any(), f"row {b}: valid is not a prefix"
+        assert ids[b, :n].tolist() == expected, f"row {b}: k={k} p={float(top_p[b])}"
+        torch.testing.assert_close(probs[b, :n].double(), full[b, ids[b, :n]],
+                                   rtol=1e-5, atol=1e-7)
+        assert (probs[b, n:] == 0).all()
+    return ids, probs, valid
+
+
+def test_candidates_random_rows():
+    g = _gen(0)
+    rows = 96
+    scale = torch.rand(rows, 1, generator=g) * 6.0  # from near-uniform to very peaked
+    logits = torch.randn(rows, V, generator=g) * scale
+    top_k = torch.randint(1, 16, (rows,), generator=g)
+    top_p = torch.rand(rows, generator=g)
+    top_p[::7] = 1.0
+    top_p[1::7] = 1e-6  # tiny p: the first candidate only
+    _, _, valid = _check_candidates(logits, top_k, top_p, max_k=12)  # k above max_k is clamped
+    assert (valid[1::7].sum(1) == 1).all()
+    assert set(valid.sum(1).tolist()) > {1, 2, 12}
+
+
+def test_candidates_k1_and_whole_vocab():
+    g = _gen(1)
+    logits = torch.randn(8, V, generator=g) * 3
+    ids, _, valid = _check_candidates(logits, torch.ones(8, dtype=torch.long),
+                                      torch.full((8,), 0.95), max_k=40)
+    assert (valid.sum(1) == 1).all() and torch.equal(ids[:, 0], logits.argmax(1))
+    # max_k beyond the vocabulary: K = V, a full sort path.
+    small = torch.randn(5, 8, generator=g)
+    _, _, valid = _check_candidates(small, torch.full((5,), 40), torch.ones(5), max_k=40)
+    assert valid.shape == (5, 8) and valid.all()
+
+
+def test_candidates_ties_go_to_lower_ids():
+    g = _gen(2)
+    rows = 40
+    logits = torch.randint(-3, 3, (rows, V), generator=g).float()  # many exact ties
+    logits[0] = 0.0  # everything tied: candidates are ids 0, 1, 2, ...
+    logits[1, 30:] = 5.0  # a tie group straddling the top-k boundary
+    top_k = torch.randint(1, 12, (rows,), generator=g)
+    top_k[:2] = 10
+    top_p = torch.rand(rows, generator=g) * 0.5 + 0.5
+    top_p[:2] = 1.0
+    ids, _, _ = _check_candidates(logits, top_k, top_p, max_k=10)
+    assert ids[0].tolist() == list(range(10))
+    assert ids[1].tolist() == list(range(30, 40))
+
+
+def test_candidates_never_masked_tokens():
+    g = _gen(3)
+    logits = torch.randn(6, V, generator=g)
+    logits[:, 3:] = -math.inf  # e.g. a structured-output mask leaves 3 tokens
+    logits[5, 1:] = -math.inf  # ... or one
+    _, _, valid = _check_candidates(logits, torch.full((6,), 10), torch.ones(6), max_k=10)
+    assert valid[:5].sum(1).tolist() == [3] * 5 and int(valid[5].sum()) == 1
+
+
+def test_candidates_low_precision_logits():
+    g = _gen(4)
+    logits = (torch.randn(16, V, generator=g) * 4).bfloat16()  # bf16: ties are common
+    _check_candidates(logits.float(), torch.full((16,), 20), torch.full((16,), 0.9), max_k=20)
+    a = candidate_set(logits, torch.full((16,), 20), torch.full((16,), 0.9), 20)
+    b = candidate_set(logits.float(), torch.full((16,), 20), torch.full((16,), 0.9), 20)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------------------
+# The walk
+# ---------------------------------------------------------------------------
+
+def _plain_walk(a, n, threshold, last, sampled, u):
+    """(chosen, num_evaluated, fallback) for one row, literally as the paper walks."""
+    if n == 1:
+        return 0, 0, False  # a lone candidate is taken without asking
+    asked = n - 1 if last else n  # "last": the last candidate is forced, never asked
+    for j in range(asked):
+        accept = (u[j] < a[j]) if sampled else (a[j] > threshold)
+        if accept:
+            return j, j + 1, False
+    return (n - 1 if last else 0), asked, True
+
+
+def _walk_inputs(rows: int, cols: int, seed: int):
+    g = _gen(seed)
+    a = torch.rand(rows, cols, generator=g)
+    n = torch.randint(1, cols + 1, (rows,), generator=g)
+    n[:8] = 1  # lone candidates
+    valid = torch.arange(cols) < n.unsqueeze(1)
+    a = torch.where(valid, a, math.nan)  # past the set: garbage that must be ignored
+    threshold = torch.rand(rows, generator=g) * 0.9
+    threshold[8:16] = 0.0
+    a[16:24, 0] = threshold[16:24]  # exactly at the threshold: reject (strict >)
+    fallback_last = torch.rand(rows, generator=g) < 0.5
+    sampled = torch.rand(rows, generator=g) < 0.3
+    uniform = torch.rand(rows, cols, generator=g)
+    return a, valid, threshold, fallback_last, sampled, uniform
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_walk_decisions_matches_plain_loop(seed):
+    a, valid, threshold, last, sampled, uniform = _walk_inputs(200, 9, seed)
+    walk = walk_decisions(a, valid, threshold, last, sampled, uniform)
+    for b in range(a.shape[0]):
+        n = int(valid[b].sum())
+        expected = _plain_walk(a[b].tolist(), n, float(threshold[b]), bool(last[b]),
+                               bool(sampled[b]), uniform[b].tolist())
+        got = (int(walk.chosen_index[b]), int(walk.num_evaluated[b]), bool(walk.fallback[b]))
+        assert got == expected, f"row {b}"
+    # Every outcome is exercised.
+    assert walk.fallback.any() and (~walk.fallback & (walk.chosen_index > 0)).any()
+    assert ((walk.num_evaluated == 0) == (valid.sum(1) == 1)).all()
+
+
+def test_walk_greedy_threshold_and_fallbacks():
+    a = torch.tensor([[0.2, 0.7, 0.9], [0.2, 0.3, 0.9], [0.2, 0.3, 0.4], [0.2, 0.3, 0.4],
+                      [0.1, 0.0, 0.0]])
+    valid = torch.tensor([[True] * 3] * 4 + [[True, False, False]])
+    last = torch.tensor([True, True, True, False, False])
+    walk = walk_decisions(a, valid, torch.full((5,), 0.5), last, torch.zeros(5, dtype=torch.bool),
+                          torch.zeros(5, 3))
+    assert walk.chosen_index.tolist() == [1, 2, 2, 0, 0]
+    # Row 1: t_3 is reached and forced ("last"), not asked; row 3 asks all three.
+    assert walk.num_evaluated.tolist() == [2, 2, 2, 3, 0]
+    assert walk.fallback.tolist() == [False, True, True, True, False]
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_walk_step_iterated_equals_walk_decisions(seed):
+    a, valid, threshold, last, sampled, uniform = _walk_inputs(200, 9, seed)
+    walk = walk_decisions(a, valid, threshold, last, sampled, uniform)
+    rows = a.shape[0]
+    n_valid = valid.sum(1)
+    index = torch.zeros(rows, dtype=torch.long)
+    done = torch.zeros(rows, dtype=torch.bool)
+    chosen = torch.full((rows,), -1)
+    evaluated = torch.zeros(rows, dtype=torch.long)
+    for _ in range(a.shape[1] + 1):  # the engine's steps; every row judges one candidate
+        pick = index.unsqueeze(1)
+        step = walk_step(index, n_valid, a.gather(1, pick).squeeze(1), threshold, last, sampled,
+                         uniform.gather(1, pick).squeeze(1))
+        evaluated += (step.asked & ~done).long()
+        chosen = torch.where(step.done & ~done, step.chosen_index, chosen)
+        done |= step.done
+        index = torch.where(done, index, step.next_index)
+    assert done.all()
+    assert torch.equal(chosen, walk.chosen_index)
+    assert torch.equal(evaluated, walk.num_evaluated)
+
+
+# ---------------------------------------------------------------------------
+# The agent's policy
+# ---------------------------------------------------------------------------
+
+def _plain_policy(a, n, last):
+    if n == 1:
+        return [1.0]
+    probs, reject = [], 1.0
+    for j in range(n):
+        if last and j == n - 1:
+            probs.append(reject)
+        else:
+            probs.append(a[j] * reject)
+            reject *= 1.0 - a[j]
+    if not last:
+        probs[0] += reject
+    return probs
+
+
+def test_policy_probs_matches_formula_and_sums_to_one():
+    a, valid, _, last, _, _ = _walk_inputs(200, 9, 5)
+    n_valid = valid.sum(1)
+    for fallback in (None, last):
+        pi = policy_probs(a, valid, fallback)
+        assert pi.dtype == torch.float32
+        torch.testing.assert_close(pi.sum(1), torch.ones(200), rtol=0, atol=1e-5)
+        assert (pi[~valid] == 0).all() and (pi >= 0).all()
+        for b in range(200):
+            is_last = True if fallback is None else bool(last[b])
+            expected = _plain_policy(a[b].tolist(), int(n_valid[b]), is_last)
+            torch.testing.assert_close(pi[b, :int(n_valid[b])].double(),
+                                       torch.tensor(expected, dtype=torch.float64),
+                                       rtol=1e-5, atol=1e-6)
+    assert (policy_probs(a, valid)[n_valid == 1, 0] == 1).all()
+
+
+@pytest.mark.parametrize("fallback_last", [True, False])
+def test_sampled_walk_follows_policy_probs(fallback_last):
+    """The sampled walk's choice frequencies are π_θ (paper eq. 6)."""
+    draws, cols = 40000, 5
+    a = torch.tensor([[0.3, 0.5, 0.2, 0.6, 0.9]]).expand(draws, cols)
+    valid = torch.ones(draws, cols, dtype=torch.bool)
+    walk = walk_decisions(a, valid, torch.full((draws,), 0.5),
+                          torch.full((draws,), fallback_last), torch.ones(draws, dtype=torch.bool),
+                          torch.rand(draws, cols, generator=_gen(6)))
+    freq = torch.bincount(walk.chosen_index, minlength=cols).double() / draws
+    pi = policy_probs(a[:1], valid[:1], torch.tensor([fallback_last]))[0].double()
+    torch.testing.assert_close(freq, pi, rtol=0, atol=0.01)

@@ -1,0 +1,290 @@
+"""MARA's decision rule as batched tensor ops (no vLLM imports, no per-row loops).
+
+One MARA step for a sequence (paper §3.2; DESIGN.md "Facts"):
+
+1. **Candidates.** From the LLM's next-token distribution ``π = softmax(h)``
+   take the top-k tokens, then the nucleus (top-p) of that set, sorted by
+   descending probability: ``t_1, …, t_n`` (``n ≥ 1``).
+2. **Walk.** Feed ``t_1``; the agent reads the LLM's final hidden state at
+   ``t_1``'s position and returns ``a_1 = P(accept)``; accept → emit ``t_1``,
+   reject → try ``t_2``, and so on.
+3. **Fallback.** If every judged candidate is rejected: "last" (the paper)
+   forces the last candidate ``t_n``; "first" (the released evaluation code)
+   forces ``t_1``.
+
+Conventions shared by every function here:
+
+* candidate columns are a *prefix*: ``valid[b, j]`` is True exactly for
+  ``j < n_b``, and ``n_b ≥ 1`` (``candidate_set`` guarantees both);
+* a lone candidate (``n = 1``) is emitted without asking the agent;
+* with fallback "last" the last candidate is never asked either: once the
+  walk reaches it, it is emitted whatever the agent would say (the paper's
+  ``a_{t_n} ∈ {1}``), so asking would only cost an agent call. With fallback
+  "first" every candidate of a set of two or more may be asked;
+* greedy decisions accept when ``a > threshold``; sampled decisions (as in
+  training) accept when ``u < a`` with ``u ~ U[0, 1)`` drawn by the caller
+  (the threshold is unused).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+# ---------------------------------------------------------------------------
+# Candidates
+# ---------------------------------------------------------------------------
+
+def _sorted_top(logits: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``width`` largest logits per row, descending, ties to the lower token id.
+
+    ``torch.topk`` is far cheaper than a full sort (on 2 CPU cores, [32, 32000]:
+    ~8 ms against ~110 ms) but leaves tie order unspecified. Its ``width``
+    values are re-sorted stably by (value desc, id asc). Which members of a
+    tie group straddling the last column were picked is fixed only by a full
+    stable sort of those rows; callers ask for one column more than they use
+    (see ``candidate_set``) so that such a straddle is visible, and only the
+    affected rows (rare outside contrived inputs) pay for the full sort.
+    """
+    vocab = logits.shape[-1]
+    if width >= vocab:
+        return torch.sort(logits, dim=-1, descending=True, stable=True)
+    vals, ids = torch.topk(logits, width, dim=-1, sorted=True)
+    # Stable two-pass re-sort: by id ascending, then by value descending.
+    by_id = torch.argsort(ids, dim=-1)
+    vals, ids = vals.gather(1, by_id), ids.gather(1, by_id)
+    by_val = torch.sort(vals, dim=-1, descending=True, stable=True).indices
+    vals, ids = vals.gather(1, by_val), ids.gather(1, by_val)
+    # A tie at the last two columns may continue past them: redo those rows fully.
+    # -inf ties (masked tokens, probability 0) never become candidates: ignore them.
+    straddle = (vals[:, -1] == vals[:, -2]) & (vals[:, -1] > float("-inf"))
+    if bool(straddle.any()):  # one host sync; the full sort only for the affected rows
+        rows = straddle.nonzero().squeeze(1)
+        full_vals, full_ids = torch.sort(logits[rows], dim=-1, descending=True, stable=True)
+        vals[rows] = full_vals[:, :width]
+        ids[rows] = full_ids[:, :width]
+    return vals, ids
+
+
+def candidate_set(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  max_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MARA candidates: top-k, then top-p over the renormalised top-k, sorted.
+
+    With ``π = softmax(logits)`` and the tokens sorted by descending logit
+    (ties: lower token id first), ``p_(1) ≥ p_(2) ≥ …``, row b keeps the j-th
+    token (0-based) iff::
+
+        j < min(k_b, K)                                   # top-k
+        and (j == 0  or  Σ_{i<j} p_(i) < p_b · Σ_{i<k_b} p_(i)   or  p_b ≥ 1)
+                                                          # top-p on the top-k set
+        and (j == 0  or  p_(j) > 0)                       # never a masked token
+
+    i.e. the smallest prefix of the top-k list whose *renormalised* mass
+    reaches ``p``. This is what the released MARA code computes: it applies
+    Hugging Face's ``TopKLogitsWarper`` then ``TopPLogitsWarper``, and the
+    latter takes its softmax over the already top-k-masked scores (removing a
+    token when the renormalised mass at or below it is ≤ 1 − p, the same set
+    up to rounding at the boundary). Two deliberate differences: HF's top-k
+    keeps every token tied with the k-th, we keep exactly k (lower ids win a
+    tie); and the first candidate is always kept (HF's ``min_tokens_to_keep=1``).
+
+    Temperature does not change the set (the released code applies it after
+    top-p); pass the untempered logits to match the released code.
+
+    Args:
+        logits: [B, V] next-token logits (any float dtype; math in float32).
+        top_k: [B] int, k ≥ 1; values above ``max_k`` act as ``max_k``.
+        top_p: [B] float in (0, 1].
+        max_k: K, the number of candidate columns (the batch's largest k;
+            capped at V).
+    Returns:
+        ids: [B, K] int64 token ids in walk order (meaningful where valid).
+        probs: [B, K] float32 ``π(t_j)`` over the full vocabulary (not
+            renormalised; the trainer's KL reward needs these), 0 where not valid.
+        valid: [B, K] bool, a prefix of each row, at least one True.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
+    if max_k < 1:
+        raise ValueError(f"max_k must be >= 1, got {max_k!r}")
+    logits = logits.float()
+    num_cols = min(int(max_k), logits.shape[-1])
+    vals, ids = _sorted_top(logits, num_cols + 1)
+    vals, ids = vals[:, :num_cols], ids[:, :num_cols]
+    probs = torch.exp(vals - torch.logsumexp(logits, dim=-1, keepdim=True))
+
+    col = torch.arange(num_cols, device=logits.device)
+    k = top_k.to(device=logits.device, dtype=torch.long).clamp(1, num_cols).unsqueeze(1)
+    p = top_p.to(device=logits.device, dtype=torch.float32).unsqueeze(1)
+    in_k = col < k
+    mass = torch.where(in_k, probs, 0.0)
+    cum = torch.cumsum(mass, dim=1)
+    before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)  # Σ_{i<j} p_(i)
+    in_p = (before < p * cum[:, -1:]) | (p >= 1.0)
+    valid = in_k & in_p & (probs > 0)
+    valid[:, 0] = True
+    return ids, torch.where(valid, probs, 0.0), valid
+
+
+# ---------------------------------------------------------------------------
+# Walking the candidates
+# ---------------------------------------------------------------------------
+
+class Walk(NamedTuple):
+    """Outcome of one MARA step per row.
+
+    Attributes:
+        chosen_index: [B] int64, the emitted candidate's 0-based position in
+            the walk order; this is the paper's "accepted token position"
+            (Figure 3), forced fallbacks included.
+        num_evaluated: [B] int64, how many candidates the agent was asked
+            about: the accepted position + 1 when the agent accepted one;
+            ``n − 1`` ("last") or ``n`` ("first") when it rejected all it was
+            asked; 0 for a lone candidate. In the engine each asked candidate
+            costs one forward of that candidate; so does the emitted token
+            (it is the same forward when the agent accepted or the forced
+            candidate is "last", one more when "first" is forced).
+        fallback: [B] bool, True when the agent rejected every candidate it
+            was asked about and the fallback chose (never for a lone candidate).
+    """
+
+    chosen_index: torch.Tensor
+    num_evaluated: torch.Tensor
+    fallback: torch.Tensor
+
+
+def _accepts(accept_prob: torch.Tensor, threshold: torch.Tensor, sampled: torch.Tensor,
+             uniform: torch.Tensor) -> torch.Tensor:
+    """Agent decisions: ``u < a`` where sampled, ``a > threshold`` elsewhere (broadcasts)."""
+    return torch.where(sampled, uniform < accept_prob, accept_prob > threshold)
+
+
+def _num_asked(n_valid: torch.Tensor, fallback_last: torch.Tensor) -> torch.Tensor:
+    """How many leading candidates may be asked: 0 if n=1, n−1 ("last") or n ("first")."""
+    asked = torch.where(fallback_last, n_valid - 1, n_valid)
+    return torch.where(n_valid > 1, asked, torch.zeros_like(asked))
+
+
+def walk_decisions(accept_prob: torch.Tensor, valid: torch.Tensor, threshold: torch.Tensor,
+                   fallback_last: torch.Tensor, sampled: torch.Tensor,
+                   uniform: torch.Tensor) -> Walk:
+    """The whole walk at once, given the agent's verdict on every candidate.
+
+    With ``n`` valid candidates, ``m = _num_asked(n)`` askable ones and
+    ``acc_j = (u_j < a_j) if sampled else (a_j > threshold)``::
+
+        chosen = min{j < m : acc_j}      if any
+               = n − 1  ("last")  or  0  ("first")   otherwise
+
+    Args:
+        accept_prob: [B, K] float, ``a_j`` for every candidate (columns past
+            the walk's end, or not valid, are ignored, NaN included).
+        valid: [B, K] bool prefix mask with at least one True per row.
+        threshold: [B] float in [0, 1), for greedy rows.
+        fallback_last: [B] bool, True = "last" (paper), False = "first".
+        sampled: [B] bool, True = draw each decision from ``a_j``.
+        uniform: [B, K] float U[0, 1) draws, used where ``sampled``.
+    Returns:
+        ``Walk(chosen_index, num_evaluated, fallback)``, each [B].
+    """
+    n_valid = valid.sum(dim=1)
+    num_asked = _num_asked(n_valid, fallback_last)
+    col = torch.arange(valid.shape[1], device=valid.device)
+    askable = col < num_asked.unsqueeze(1)
+    acc = _accepts(accept_prob, threshold.unsqueeze(1), sampled.unsqueeze(1), uniform) & askable
+    first_acc = (torch.cumsum(acc, dim=1) == 0).sum(dim=1)  # leading rejections; K if none
+    any_acc = first_acc < acc.shape[1]
+    forced = torch.where(fallback_last, n_valid - 1, torch.zeros_like(n_valid))
+    chosen = torch.where(any_acc, first_acc, forced)
+    num_evaluated = torch.where(any_acc, first_acc + 1, num_asked)
+    return Walk(chosen, num_evaluated, ~any_acc & (n_valid > 1))
+
+
+class WalkStep(NamedTuple):
+    """One candidate judged per row (the engine's pipelined form of the walk).
+
+    Attributes:
+        done: [B] bool, the row emits a token this step.
+        chosen_index: [B] int64, the emitted candidate where done (else the
+            current index).
+        next_index: [B] int64, the candidate to feed next where not done.
+        asked: [B] bool, whether the agent's verdict at this index was used
+            (counts toward ``Walk.num_evaluated``).
+    """
+
+    done: torch.Tensor
+    chosen_index: torch.Tensor
+    next_index: torch.Tensor
+    asked: torch.Tensor
+
+
+def walk_step(index: torch.Tensor, n_valid: torch.Tensor, accept_prob: torch.Tensor,
+              threshold: torch.Tensor, fallback_last: torch.Tensor, sampled: torch.Tensor,
+              uniform: torch.Tensor) -> WalkStep:
+    """Judge candidate ``index`` of each row; emit it, move on, or fall back.
+
+    Iterating this from index 0 until ``done`` gives exactly
+    ``walk_decisions`` (same chosen index, ``Σ asked = num_evaluated``), one
+    candidate per call: the engine feeds one candidate per row per step.
+
+    Args:
+        index: [B] int64 current candidate position, ``0 ≤ index < n_valid``.
+        n_valid: [B] int64 number of valid candidates (≥ 1).
+        accept_prob: [B] float, ``a`` at the current candidate (ignored where
+            not asked).
+        threshold, fallback_last, sampled: [B] as in ``walk_decisions``.
+        uniform: [B] float U[0, 1) draws for sampled rows.
+    Returns:
+        ``WalkStep``. A row whose forced choice is "first" after rejecting
+        its last candidate gets ``chosen_index = 0 ≠ index``: that token's
+        KV must be fed again.
+    """
+    asked = index < _num_asked(n_valid, fallback_last)
+    accepted = asked & _accepts(accept_prob, threshold, sampled, uniform)
+    exhausted = ~asked | (index + 1 >= n_valid)  # not asked: lone, or the forced "last"
+    done = accepted | exhausted
+    forced = torch.where(fallback_last, n_valid - 1, torch.zeros_like(n_valid))
+    chosen = torch.where(accepted, index, torch.where(exhausted, forced, index))
+    return WalkStep(done, chosen, torch.where(done, index, index + 1), asked)
+
+
+# ---------------------------------------------------------------------------
+# The agent's policy over candidates (trainer)
+# ---------------------------------------------------------------------------
+
+def policy_probs(accept_prob: torch.Tensor, valid: torch.Tensor,
+                 fallback_last: torch.Tensor | None = None) -> torch.Tensor:
+    """π_θ over the candidates when decisions are sampled (paper eq. 6).
+
+    With ``a_j`` the accept probabilities down the list and ``n`` valid::
+
+        π_θ(t_j) = a_j · Π_{i<j} (1 − a_i)            for j < n − 1
+        π_θ(t_{n−1}) = Π_{i<n−1} (1 − a_i)            ("last": forced, the remaining mass)
+
+    With fallback "first" every candidate is asked, and the all-reject mass
+    ``Π_{i<n} (1 − a_i)`` goes to ``t_0`` instead. A lone candidate gets 1.
+    Each row sums to 1 over its valid candidates (up to rounding).
+
+    Args:
+        accept_prob: [B, K] float ``a_j`` (ignored where not valid).
+        valid: [B, K] bool prefix mask, at least one True per row.
+        fallback_last: [B] bool, or None for "last" everywhere (the paper).
+    Returns:
+        [B, K] float32 probabilities, 0 where not valid.
+    """
+    a = torch.where(valid, accept_prob.float(), 0.0)
+    n_valid = valid.sum(dim=1, keepdim=True)
+    col = torch.arange(valid.shape[1], device=valid.device)
+    survive = torch.cumprod(1.0 - a, dim=1)  # Π_{i≤j} (1 − a_i)
+    before = torch.cat([torch.ones_like(survive[:, :1]), survive[:, :-1]], dim=1)  # Π_{i<j}
+    probs = a * before
+    is_last = col == (n_valid - 1)
+    last_forced = torch.where(is_last, before, probs)
+    if fallback_last is None:
+        return torch.where(valid, last_forced, 0.0)
+    all_rejected = survive.gather(1, n_valid - 1)  # Π_{i<n} (1 − a_i)
+    first_forced = probs + torch.where(col == 0, all_rejected, 0.0)
+    out = torch.where(fallback_last.unsqueeze(1), last_forced, first_forced)
+    return torch.where(valid, out, 0.0)
