@@ -8,7 +8,8 @@ All runs in one process, one after the other, on one locally built model pair
 * aad     : the plugin, every request AAD alpha=0.1;
 * hf-dera, hf-aad : transformers, both models batched with KV caches, the
             same math per step (how the published implementations decode,
-            but batched, which they are not).
+            but batched, which they are not);
+* hf-dera-batch1 : the same loop one prompt at a time, as the published code runs.
 
 Usage: python benchmarks/bench_align.py [--prompts 32] [--tokens 64] [--json out.json]
 """
@@ -23,6 +24,9 @@ import platform
 import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+# vLLM's CPU worker by default leaves one core to the API process; the HF loop
+# uses every core. Give vLLM every core too, so both compete on equal hardware.
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
 def _prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
@@ -56,36 +60,33 @@ def bench_vllm(aligned: str, reference: str | None, spec: dict | None, prompts, 
 
 
 def bench_hf(aligned: str, reference: str, spec: dict, prompts, tokens: int,
-             dtype: str) -> float:
+             dtype: str, batch_size: int | None = None) -> float:
+    """Tokens/s of an HF loop over ``prompts`` in groups of ``batch_size`` (all by default)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from vllm_align import methods
 
-    n = len(prompts)
-    if spec["method"] == "dera":
-        lam = torch.full((n,), spec["lambda"])
-        rule = lambda a, r: methods.dera_logits(a, r, lam)  # noqa: E731
-    else:
-        alpha, tau = torch.full((n,), spec["alpha"]), torch.full((n,), -1.0)
-        rule = lambda a, r: methods.aad_scores(a, r, alpha, tau)  # noqa: E731
-
     torch_dtype = getattr(torch, dtype)
     models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype).eval()
               for p in (aligned, reference)]
-    width = max(map(len, prompts))
-    # Left padding so every row's next token sits in the last column.
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
 
-    def run(n_steps: int) -> int:
+    def rule(a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        n = a.shape[0]
+        if spec["method"] == "dera":
+            return methods.dera_logits(a, r, torch.full((n,), spec["lambda"]))
+        return methods.aad_scores(a, r, torch.full((n,), spec["alpha"]), torch.full((n,), -1.0))
+
+    def run(group, n_steps: int) -> int:
+        width = max(map(len, group))
+        # Left padding so every row's next token sits in the last column.
+        cur = torch.zeros(len(group), width, dtype=torch.long)
+        attn = torch.zeros_like(cur)
+        for i, p in enumerate(group):
+            cur[i, width - len(p):] = torch.tensor(p)
+            attn[i, width - len(p):] = 1
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
         past = [None, None]
-        cur, attn = ids, mask
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        produced = 0
         with torch.inference_mode():
             for _ in range(n_steps):
                 logits = []
@@ -97,12 +98,13 @@ def bench_hf(aligned: str, reference: str, spec: dict, prompts, tokens: int,
                 cur = rule(*logits).argmax(-1, keepdim=True)
                 attn = torch.cat([attn, torch.ones_like(cur)], dim=1)
                 pos = pos[:, -1:] + 1
-                produced += cur.shape[0]
-        return produced
+        return len(group) * n_steps
 
-    run(2)  # warm-up
+    size = batch_size or len(prompts)
+    groups = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+    run(groups[0], 2)  # warm-up
     start = time.perf_counter()
-    n_tokens = run(tokens)
+    n_tokens = sum(run(g, tokens) for g in groups)
     return n_tokens / (time.perf_counter() - start)
 
 
@@ -138,8 +140,12 @@ def main(argv=None) -> int:
                                   prompts, args.tokens, args.dtype)
     results["hf-aad"] = bench_hf(aligned, reference, {"method": "aad", "alpha": 0.1},
                                  prompts, args.tokens, args.dtype)
+    results["hf-dera-batch1"] = bench_hf(aligned, reference, {"method": "dera", "lambda": 0.5},
+                                         prompts, args.tokens, args.dtype, batch_size=1)
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "vllm_reserved_cpus": os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"],
+        "torch_threads_hf": __import__("torch").get_num_threads(),
         "config": vars(args),
         "tokens_per_s": {k: round(v, 1) for k, v in results.items()},
         "ratios": {
@@ -147,6 +153,7 @@ def main(argv=None) -> int:
             "aad/plain": round(results["aad"] / results["plain"], 3),
             "dera/hf-dera": round(results["dera"] / results["hf-dera"], 2),
             "aad/hf-aad": round(results["aad"] / results["hf-aad"], 2),
+            "dera/hf-dera-batch1": round(results["dera"] / results["hf-dera-batch1"], 2),
         },
     }
     print(json.dumps(report, indent=2))
