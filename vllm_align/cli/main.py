@@ -56,6 +56,49 @@ def demo(args: argparse.Namespace) -> int:
     return demo_main(args.out_dir, seed=args.seed, serve=not args.no_serve)
 
 
+def _generate_pairs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="the aligned (e.g. DPO) model")
+    p.add_argument("--reference-model", default=None,
+                   help="the reference (e.g. SFT) model; needed by dera and aad")
+    p.add_argument("--prompts", required=True, metavar="IN.jsonl",
+                   help="one JSON object per line with 'prompt' or chat 'messages' "
+                   "(optional 'id'; default the line's index)")
+    p.add_argument("--output", required=True, metavar="OUT.jsonl",
+                   help="TRL DPO-format pairs; an existing file is resumed")
+    p.add_argument("--chosen", default='{"method": "aad", "alpha": 0.1}', metavar="JSON",
+                   help="alignment spec of the chosen side, optionally with 'temperature' and "
+                   "'top_p' (default: AAD alpha 0.1, greedy)")
+    p.add_argument("--rejected", default='{"method": "none"}', metavar="JSON",
+                   help="alignment spec of the rejected side, optionally with 'temperature' and "
+                   "'top_p' (default: the aligned model, nucleus p 0.9, temperature 1)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed + i")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per engine call")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="skip graph compilation (faster start, slower decoding)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("generate-pairs", "generate preference pairs (TRL DPO JSONL) with two decoding rules",
+         args=_generate_pairs_args)
+def generate_pairs(args: argparse.Namespace) -> int:
+    from vllm_align.data.pairs import PairsError, generate_pairs as run_pairs
+
+    try:
+        run_pairs(model=args.model, reference_model=args.reference_model,
+                  prompts=args.prompts, output=args.output, chosen=args.chosen,
+                  rejected=args.rejected, max_tokens=args.max_tokens, seed=args.seed,
+                  batch_size=args.batch_size, dtype=args.dtype,
+                  max_model_len=args.max_model_len, progress=not args.no_progress,
+                  llm_kwargs={"enforce_eager": True} if args.enforce_eager else None)
+    except (PairsError, OSError) as e:
+        print(f"vllm-align generate-pairs: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vllm-align", description="vllm-align tools (serving is `vllm serve --sampler align`)")

@@ -1,0 +1,1 @@
+"""Data production with the alignment engine (preference pairs)."""

@@ -1,0 +1,320 @@
+"""Synthetic preference pairs: ``vllm-align generate-pairs``.
+
+Prompts in (JSONL, one object per line with ``prompt`` or chat ``messages``),
+pairs out in TRL's DPO format (JSONL: ``prompt``, ``chosen``, ``rejected``, plus
+metadata). Each side is decoded by its own rule; by default, as in the AAD
+paper's iterative DPO, ``chosen`` is AAD (alpha 0.1, greedy) and ``rejected`` is
+nucleus sampling (p 0.9, temperature 1) of the aligned model. Both sides of
+every prompt go through the same ``LLM.generate`` call.
+
+The output is crash-safe and resumable:
+
+* records are appended one batch at a time, then flushed and ``fsync``-ed;
+* on start, the existing output is read back; only complete (newline-ended),
+  valid JSON records are kept, the first one per id; if anything else was
+  there (a line torn by a kill, say), the file is rewritten atomically without
+  it before anything is appended;
+* prompts whose id already has a record are skipped;
+* prompt ``i`` (0-based position in the input) is sampled with seed
+  ``seed + i`` whatever the batch, so a resumed run writes the same records as
+  an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from vllm_align.config import AlignConfigError, AlignParams, EXTRA_ARGS_KEY
+
+DEFAULT_CHOSEN = {"method": "aad", "alpha": 0.1}
+DEFAULT_REJECTED = {"method": "none"}
+# Sampling defaults per side when the spec names none.
+CHOSEN_SAMPLING = {"temperature": 0.0, "top_p": 1.0}
+REJECTED_SAMPLING = {"temperature": 1.0, "top_p": 0.9}
+_SAMPLING_KEYS = ("temperature", "top_p")
+
+
+class PairsError(ValueError):
+    """Bad input, flags or output file for generate-pairs."""
+
+
+@dataclass(frozen=True)
+class SideSpec:
+    """How one side of a pair is decoded: an alignment rule plus sampling."""
+
+    align: AlignParams
+    temperature: float
+    top_p: float
+
+    def align_json(self) -> dict[str, Any]:
+        """The canonical alignment spec (what the engine gets, and what is recorded)."""
+        a = self.align
+        if a.method == "dera":
+            return {"method": "dera", "lambda": a.lam}
+        if a.method == "aad":
+            spec: dict[str, Any] = {"method": "aad", "alpha": a.alpha}
+            if a.entropy_threshold is not None:
+                spec["entropy_threshold"] = a.entropy_threshold
+            return spec
+        return {"method": a.method}
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.align_json(), "temperature": self.temperature, "top_p": self.top_p}
+
+    def sampling_params(self, max_tokens: int, seed: int):
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
+                              top_p=self.top_p, seed=seed,
+                              extra_args={EXTRA_ARGS_KEY: self.align_json()})
+
+
+def parse_side(spec: Any, *, side: str, defaults: Mapping[str, float]) -> SideSpec:
+    """Parse ``--chosen``/``--rejected``: an alignment spec, optionally with
+    ``temperature`` and ``top_p`` (else the side's defaults)."""
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise PairsError(f"--{side} is not valid JSON ({e}): {spec!r}") from None
+    if not isinstance(spec, Mapping):
+        raise PairsError(f"--{side} must be a JSON object like {DEFAULT_CHOSEN}, got {spec!r}")
+    sampling = dict(defaults)
+    for key in _SAMPLING_KEYS:
+        if key in spec:
+            value = spec[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise PairsError(f"--{side} {key!r} must be a finite number, got {value!r}")
+            sampling[key] = float(value)
+    if sampling["temperature"] < 0:
+        raise PairsError(f"--{side} 'temperature' must be >= 0, got {sampling['temperature']!r}")
+    if not 0.0 < sampling["top_p"] <= 1.0:
+        raise PairsError(f"--{side} 'top_p' must be in (0, 1], got {sampling['top_p']!r}")
+    try:
+        align = AlignParams.parse({k: v for k, v in spec.items() if k not in _SAMPLING_KEYS})
+    except AlignConfigError as e:
+        raise PairsError(f"--{side}: {e}") from None
+    return SideSpec(align, temperature=sampling["temperature"], top_p=sampling["top_p"])
+
+
+@dataclass
+class PromptItem:
+    index: int          # position in the input: the per-prompt seed is seed + index
+    id: str | int
+    prompt: str | None = None
+    messages: list | None = None
+
+
+def read_prompts(path: str | os.PathLike) -> list[PromptItem]:
+    """Read and validate the prompt JSONL (blank lines are skipped)."""
+    items: list[PromptItem] = []
+    seen: set = set()
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PairsError(f"{where}: not valid JSON ({e})") from None
+            if not isinstance(obj, dict):
+                raise PairsError(f"{where}: expected a JSON object, got {obj!r:.80}")
+            index = len(items)
+            pid = obj.get("id", index)
+            if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+                raise PairsError(f"{where}: 'id' must be a string or an integer, got {pid!r}")
+            if pid in seen:
+                raise PairsError(f"{where}: duplicate id {pid!r}")
+            seen.add(pid)
+            if "prompt" in obj:
+                if not isinstance(obj["prompt"], str):
+                    raise PairsError(f"{where}: 'prompt' must be a string, got {obj['prompt']!r:.80}")
+                items.append(PromptItem(index, pid, prompt=obj["prompt"]))
+            elif "messages" in obj:
+                msgs = obj["messages"]
+                if not isinstance(msgs, list) or not msgs or not all(
+                        isinstance(m, dict) and isinstance(m.get("role"), str)
+                        and isinstance(m.get("content"), str) for m in msgs):
+                    raise PairsError(f"{where}: 'messages' must be a non-empty list of "
+                                     f"{{role, content}} strings, got {msgs!r:.80}")
+                items.append(PromptItem(index, pid, messages=msgs))
+            else:
+                raise PairsError(f"{where}: needs 'prompt' (string) or 'messages' (chat list)")
+    return items
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_done(path: str | os.PathLike) -> dict[Any, dict]:
+    """Existing records by id, repairing the file first if it holds anything else.
+
+    Kept: newline-ended lines that are JSON objects with an ``id`` (string or
+    integer), ``chosen`` and ``rejected``, first per id. If anything is dropped
+    (a torn last line, a bad or duplicate line) the file is replaced atomically
+    by the kept lines.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    pieces = data.split(b"\n")
+    changed = pieces[-1] != b""     # text after the last newline: a torn record
+    kept: list[bytes] = []
+    done: dict[Any, dict] = {}
+    for raw in pieces[:-1]:
+        try:
+            rec = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            changed = True
+            continue
+        rid = rec.get("id") if isinstance(rec, dict) else None
+        if (isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid in done
+                or not isinstance(rec.get("chosen"), str)
+                or not isinstance(rec.get("rejected"), str)):
+            changed = True
+            continue
+        done[rid] = rec
+        kept.append(raw + b"\n")
+    if changed:
+        tmp = path.with_name(path.name + ".repair.tmp")
+        with open(tmp, "wb") as f:
+            f.write(b"".join(kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    return done
+
+
+def _append(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+
+
+def _check_compatible(done: Mapping[Any, dict], expected: Mapping[str, Any],
+                      seeds: Mapping[Any, int], out: str) -> None:
+    """Refuse to extend an output made with other settings."""
+    for rid, rec in done.items():
+        for key, value in expected.items():
+            if rec.get(key) != value:
+                raise PairsError(
+                    f"{out} already holds record id {rid!r} with {key}={rec.get(key)!r}, "
+                    f"but this run has {key}={value!r}; use another --output or the same "
+                    f"settings")
+        if rid in seeds and rec.get("seed") != seeds[rid]:
+            raise PairsError(f"{out} already holds record id {rid!r} with seed "
+                             f"{rec.get('seed')!r}, but this run gives it seed {seeds[rid]}; "
+                             f"use another --output or the same --seed")
+
+
+def generate_pairs(*, model: str, reference_model: str | None, prompts: str, output: str,
+                   chosen: Any = DEFAULT_CHOSEN, rejected: Any = DEFAULT_REJECTED,
+                   max_tokens: int = 256, seed: int = 0, batch_size: int = 64,
+                   dtype: str = "auto", max_model_len: int | None = None,
+                   progress: bool = True, llm_kwargs: Mapping[str, Any] | None = None) -> int:
+    """Write one pair per prompt to ``output`` (resuming it); returns pairs written now."""
+    if max_tokens < 1:
+        raise PairsError(f"--max-tokens must be >= 1, got {max_tokens}")
+    if batch_size < 1:
+        raise PairsError(f"--batch-size must be >= 1, got {batch_size}")
+    chosen_spec = parse_side(chosen, side="chosen", defaults=CHOSEN_SAMPLING)
+    rejected_spec = parse_side(rejected, side="rejected", defaults=REJECTED_SAMPLING)
+    for side, spec in (("chosen", chosen_spec), ("rejected", rejected_spec)):
+        if spec.align.needs_reference and not reference_model:
+            raise PairsError(f"--{side} method {spec.align.method!r} needs --reference-model")
+
+    items = read_prompts(prompts)
+    meta = {"chosen_spec": chosen_spec.to_json(), "rejected_spec": rejected_spec.to_json(),
+            "max_tokens": max_tokens, "model": model, "reference_model": reference_model}
+    seeds = {it.id: seed + it.index for it in items}
+    done = load_done(output)
+    _check_compatible(done, meta, seeds, output)
+    todo = [it for it in items if it.id not in done]
+    n_done = len(items) - len(todo)
+    if not todo:
+        print(f"all {len(items)} prompts already have pairs in {output}", file=sys.stderr)
+        return 0
+
+    from tqdm import tqdm
+    from vllm import LLM
+    from vllm.inputs import TokensPrompt
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "seed": seed, **(llm_kwargs or {})}
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    if reference_model:
+        kwargs["additional_config"] = {"align": {"reference_model": reference_model}}
+    llm = LLM(model=model, **kwargs)
+    tokenizer = llm.get_tokenizer()
+
+    written = 0
+    n_tokens = 0
+    t0 = time.perf_counter()
+    out_path = Path(output)
+    created = not out_path.exists()
+    fd = os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    if created:
+        _fsync_dir(out_path.parent.resolve())
+    bar = tqdm(total=len(items), initial=n_done, unit="prompt", desc="pairs",
+               dynamic_ncols=True, disable=not progress)
+    try:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            inputs, params, texts = [], [], []
+            for it in batch:
+                if it.messages is not None:
+                    text = tokenizer.apply_chat_template(it.messages, tokenize=False,
+                                                         add_generation_prompt=True)
+                    # The template writes any special tokens (BOS) itself.
+                    inp: Any = TokensPrompt(prompt_token_ids=tokenizer.encode(
+                        text, add_special_tokens=False))
+                else:
+                    text = inp = it.prompt
+                texts.append(text)
+                s = seeds[it.id]
+                inputs += [inp, inp]
+                params += [chosen_spec.sampling_params(max_tokens, s),
+                           rejected_spec.sampling_params(max_tokens, s)]
+            outs = llm.generate(inputs, params, use_tqdm=False)
+            lines = []
+            for j, it in enumerate(batch):
+                c, r = outs[2 * j].outputs[0], outs[2 * j + 1].outputs[0]
+                n_tokens += len(c.token_ids) + len(r.token_ids)
+                rec = {"id": it.id, "prompt": texts[j], "chosen": c.text, "rejected": r.text,
+                       **meta, "seed": seeds[it.id]}
+                lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+            _append(fd, "".join(lines).encode("utf-8"))
+            written += len(batch)
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            bar.update(len(batch))
+            bar.set_postfix_str(f"{n_tokens / elapsed:.1f} tok/s")
+        elapsed = time.perf_counter() - t0
+    finally:
+        bar.close()
+        os.close(fd)
+        del llm
+    print(f"wrote {written} pairs to {output} ({n_done} already there; "
+          f"{written / elapsed:.2f} prompts/s, {n_tokens / elapsed:.1f} tok/s)", file=sys.stderr)
+    return written
