@@ -47,6 +47,20 @@ def _number(value: Any, name: str) -> float:
     return value
 
 
+def json_object(spec: Any, what: str) -> Mapping:
+    """``spec`` as a mapping: given as one, or as a JSON string of an object."""
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise AlignConfigError(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(spec, Mapping):
+        raise AlignConfigError(
+            f"{what} must be an object like {{\"method\": \"dera\", \"lambda\": 0.5}}, "
+            f"got {spec!r}")
+    return spec
+
+
 @dataclass(frozen=True)
 class AlignParams:
     """One sequence's decoding rule.
@@ -70,15 +84,7 @@ class AlignParams:
     @classmethod
     def parse(cls, spec: Any) -> "AlignParams":
         """Parse a request's ``alignment`` object (JSON string or mapping)."""
-        if isinstance(spec, str):
-            try:
-                spec = json.loads(spec)
-            except json.JSONDecodeError as e:
-                raise AlignConfigError(f"alignment is not valid JSON: {e}") from None
-        if not isinstance(spec, Mapping):
-            raise AlignConfigError(
-                f"alignment must be an object like {{\"method\": \"dera\", "
-                f"\"lambda\": 0.5}}, got {spec!r}")
+        spec = json_object(spec, "alignment")
         method = spec.get("method")
         if method not in METHODS:
             raise AlignConfigError(

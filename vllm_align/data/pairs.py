@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from vllm_align.config import AlignConfigError, AlignParams, EXTRA_ARGS_KEY
+from vllm_align.config import EXTRA_ARGS_KEY, AlignConfigError, AlignParams, json_object
 
 DEFAULT_CHOSEN = {"method": "aad", "alpha": 0.1}
 DEFAULT_REJECTED = {"method": "none"}
@@ -79,13 +79,10 @@ class SideSpec:
 def parse_side(spec: Any, *, side: str, defaults: Mapping[str, float]) -> SideSpec:
     """Parse ``--chosen``/``--rejected``: an alignment spec, optionally with
     ``temperature`` and ``top_p`` (else the side's defaults)."""
-    if isinstance(spec, str):
-        try:
-            spec = json.loads(spec)
-        except json.JSONDecodeError as e:
-            raise PairsError(f"--{side} is not valid JSON ({e}): {spec!r}") from None
-    if not isinstance(spec, Mapping):
-        raise PairsError(f"--{side} must be a JSON object like {DEFAULT_CHOSEN}, got {spec!r}")
+    try:
+        spec = json_object(spec, f"--{side}")
+    except AlignConfigError as e:
+        raise PairsError(str(e)) from None
     sampling = dict(defaults)
     for key in _SAMPLING_KEYS:
         if key in spec:
