@@ -35,7 +35,8 @@ class AlignConfigError(ValueError):
     """Bad alignment configuration or request parameters."""
 
 
-def _number(value: Any, name: str) -> float:
+def finite_number(value: Any, name: str) -> float:
+    """``value`` as a float; refuses bools, non-numbers and non-finite values."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise AlignConfigError(f"alignment {name!r} must be a number, got {value!r}")
     try:
@@ -101,14 +102,14 @@ class AlignParams:
                 "alignment method 'mara' needs a MARA agent, and this engine has none")
         kwargs: dict[str, Any] = {"method": method}
         if "lambda" in spec:
-            kwargs["lam"] = _number(spec["lambda"], "lambda")
+            kwargs["lam"] = finite_number(spec["lambda"], "lambda")
         if "alpha" in spec:
-            alpha = _number(spec["alpha"], "alpha")
+            alpha = finite_number(spec["alpha"], "alpha")
             if not 0.0 < alpha <= 1.0:
                 raise AlignConfigError(f"alignment 'alpha' must be in (0, 1], got {alpha!r}")
             kwargs["alpha"] = alpha
         if spec.get("entropy_threshold") is not None:
-            tau = _number(spec["entropy_threshold"], "entropy_threshold")
+            tau = finite_number(spec["entropy_threshold"], "entropy_threshold")
             if tau < 0:
                 raise AlignConfigError(
                     f"alignment 'entropy_threshold' must be >= 0, got {tau!r}")

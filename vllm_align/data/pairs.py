@@ -23,7 +23,6 @@ The output is crash-safe and resumable:
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -31,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from vllm_align.config import EXTRA_ARGS_KEY, AlignConfigError, AlignParams, json_object
+from vllm_align.config import (EXTRA_ARGS_KEY, AlignConfigError, AlignParams,
+                               finite_number, json_object)
 
 DEFAULT_CHOSEN = {"method": "aad", "alpha": 0.1}
 DEFAULT_REJECTED = {"method": "none"}
@@ -86,11 +86,10 @@ def parse_side(spec: Any, *, side: str, defaults: Mapping[str, float]) -> SideSp
     sampling = dict(defaults)
     for key in _SAMPLING_KEYS:
         if key in spec:
-            value = spec[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value):
-                raise PairsError(f"--{side} {key!r} must be a finite number, got {value!r}")
-            sampling[key] = float(value)
+            try:
+                sampling[key] = finite_number(spec[key], key)
+            except AlignConfigError as e:
+                raise PairsError(f"--{side}: {e}") from None
     if sampling["temperature"] < 0:
         raise PairsError(f"--{side} 'temperature' must be >= 0, got {sampling['temperature']!r}")
     if not 0.0 < sampling["top_p"] <= 1.0:

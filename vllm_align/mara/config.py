@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Collection, Mapping
 
-from vllm_align.config import AlignConfigError, _number
+from vllm_align.config import AlignConfigError, finite_number
 
 DEFAULT_AGENT = "default"
 FALLBACKS = ("last", "first")
@@ -99,12 +99,12 @@ class MaraParams:
                 raise AlignConfigError(f"alignment 'top_k' must be an integer >= 1, got {k!r}")
             kwargs["top_k"] = k
         if "top_p" in spec:
-            p = _number(spec["top_p"], "top_p")
+            p = finite_number(spec["top_p"], "top_p")
             if not 0.0 < p <= 1.0:
                 raise AlignConfigError(f"alignment 'top_p' must be in (0, 1], got {p!r}")
             kwargs["top_p"] = p
         if "threshold" in spec:
-            t = _number(spec["threshold"], "threshold")
+            t = finite_number(spec["threshold"], "threshold")
             if not 0.0 <= t < 1.0:
                 raise AlignConfigError(f"alignment 'threshold' must be in [0, 1), got {t!r}")
             kwargs["threshold"] = t
