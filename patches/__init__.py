@@ -44,13 +44,15 @@ def apply_patches() -> None:
     global _applied
     if _applied:
         return
-    from vllm_align.patches import (engine_args, input_processor, openai_request,
-                                    serve_command)
+    from vllm_align.patches import (engine_args, input_processor, model_runner,
+                                    openai_request, scheduler, serve_command)
 
     for patch in (engine_args.EngineArgsPatch,
                   input_processor.InputProcessorPatch,
                   openai_request.CompletionRequestPatch,
                   openai_request.ChatCompletionRequestPatch,
-                  serve_command.ServeSubcommandPatch):
+                  serve_command.ServeSubcommandPatch,
+                  scheduler.SchedulerPatch,
+                  model_runner.ModelRunnerPatch):
         patch.apply()
     _applied = True

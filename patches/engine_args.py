@@ -47,6 +47,10 @@ class EngineArgsPatch(VllmPatch):
         group.add_argument("--align-default", type=_json_object, default=None,
                            help='Alignment for requests without one, e.g. '
                                 '\'{"method": "aad", "alpha": 0.1}\'.')
+        group.add_argument("--mara-agent", action="append", default=None,
+                           metavar="[NAME=]PATH",
+                           help="A MARA agent checkpoint (.pth or .safetensors); repeatable; "
+                                "a bare PATH is named 'default'.")
         return parser
 
     @classmethod
@@ -54,9 +58,11 @@ class EngineArgsPatch(VllmPatch):
         engine_args = EngineArgsPatch.original("from_cli_args").__func__(cls, args)
         sampler = getattr(args, "sampler", "default")
         ref, default = getattr(args, "reference_model", None), getattr(args, "align_default", None)
+        agents = getattr(args, "mara_agent", None)
         if sampler != "align":
-            if ref is not None or default is not None:
-                raise AlignConfigError("--reference-model and --align-default need --sampler align")
+            if ref is not None or default is not None or agents:
+                raise AlignConfigError(
+                    "--reference-model, --mara-agent and --align-default need --sampler align")
             return engine_args
         config = dict(engine_args.additional_config or {})
         align = dict(config.get(EXTRA_ARGS_KEY) or {})
@@ -64,15 +70,20 @@ class EngineArgsPatch(VllmPatch):
             align["reference_model"] = ref
         if default is not None:
             align["default"] = default
+        if agents:
+            from vllm_align.mara.config import parse_agent_args
+
+            align["mara_agents"] = {**(align.get("mara_agents") or {}),
+                                    **parse_agent_args(agents)}
         config[EXTRA_ARGS_KEY] = align
         engine_args.additional_config = config
         return engine_args
 
     def create_engine_config(self, *args, **kwargs):
-        from vllm_align.engine.compat import pair_overrides
+        from vllm_align.engine.compat import check_agents, pair_overrides, served_overrides
 
         align = EngineAlignConfig.parse(self.additional_config)
-        if align.reference_model is not None:
+        if align.needs_wrapper:
             if self.speculative_config:
                 raise AlignConfigError(
                     "vllm-align cannot run with speculative decoding (vLLM refuses "
@@ -83,9 +94,28 @@ class EngineArgsPatch(VllmPatch):
                     f"(--pipeline-parallel-size {self.pipeline_parallel_size}); use tensor parallelism")
             if callable(self.hf_overrides):
                 raise AlignConfigError("vllm-align needs hf_overrides as a dict, not a callable")
-            self.hf_overrides = {**(self.hf_overrides or {}), **pair_overrides(
-                self.model, align.reference_model, tokenizer=self.tokenizer,
-                revision=self.revision, trust_remote_code=self.trust_remote_code)}
+            if align.reference_model is not None:
+                overrides = pair_overrides(
+                    self.model, align.reference_model, tokenizer=self.tokenizer,
+                    revision=self.revision, trust_remote_code=self.trust_remote_code)
+                if align.mara_agents:
+                    from transformers import AutoConfig
+
+                    check_agents(align.mara_agents, AutoConfig.from_pretrained(
+                        self.model, revision=self.revision,
+                        trust_remote_code=self.trust_remote_code).hidden_size)
+            else:
+                overrides = served_overrides(
+                    self.model, revision=self.revision,
+                    trust_remote_code=self.trust_remote_code, agents=align.mara_agents)
+            self.hf_overrides = {**(self.hf_overrides or {}), **overrides}
+        if align.mara_agents:
+            # MARA's rollback of non-emitting rows is written for the
+            # synchronous scheduler (see patches/scheduler.py).
+            if self.async_scheduling:
+                raise AlignConfigError(
+                    "vllm-align's MARA needs synchronous scheduling; drop --async-scheduling")
+            self.async_scheduling = False
         config = EngineArgsPatch.original("create_engine_config")(self, *args, **kwargs)
         import vllm_align
 

@@ -22,6 +22,32 @@ class AlignRequestError(VLLMValidationError, ValueError):
     """A refused alignment request: HTTP 400 served, a ValueError offline."""
 
 
+def check_mara_sampling(params) -> None:
+    """Refuse sampling parameters that MARA's walk cannot honour.
+
+    A MARA sequence emits the candidate its agent accepts; vLLM's sampler is
+    only told which token that is. Parameters that would change or describe
+    the sampled distribution (returned logprobs, structured output, logit
+    bias, allowed/bad words, penalties, min_tokens) are refused rather than
+    silently ignored; temperature, top_k, top_p and min_p have no effect
+    (MARA's own ``top_k``/``top_p`` and ``decisions`` decide).
+    """
+    bad = [name for name, on in (
+        ("logprobs", params.logprobs is not None),
+        ("structured output", params.structured_outputs is not None),
+        ("logit_bias", bool(params.logit_bias)),
+        ("allowed_token_ids", bool(params.allowed_token_ids)),
+        ("bad_words", bool(params.bad_words)),
+        ("presence_penalty", params.presence_penalty != 0.0),
+        ("frequency_penalty", params.frequency_penalty != 0.0),
+        ("repetition_penalty", params.repetition_penalty != 1.0),
+        ("min_tokens", params.min_tokens > 0),
+    ) if on]
+    if bad:
+        raise AlignConfigError(f"alignment method 'mara' does not support {', '.join(bad)} "
+                               "(the agent's accepted candidate is emitted as is)")
+
+
 class InputProcessorPatch(VllmPatch):
     target = InputProcessor
     replaces = ("_build_logits_processors_params_validator",)
@@ -41,6 +67,8 @@ class InputProcessorPatch(VllmPatch):
                 if unsupported and rule.method != "none":
                     raise AlignConfigError(
                         f"alignment method {rule.method!r} is not available with {unsupported}")
+                if rule.method == "mara":
+                    check_mara_sampling(params)
             except AlignConfigError as e:
                 raise AlignRequestError(str(e), parameter="alignment") from None
             stock(params)

@@ -334,7 +334,13 @@ def test_bad_entropy_threshold_rejected(tau):
 
 
 def test_mara_refused_without_agent():
-    _rejects({"method": "mara"}, "mara")
+    params = AlignParams.parse({"method": "mara", "top_k": 5})
+    assert params.mara.top_k == 5
+    with pytest.raises(AlignConfigError, match="needs a MARA agent"):
+        EngineAlignConfig().check_servable(params)
+    with pytest.raises(AlignConfigError, match="unknown MARA agent 'x'"):
+        EngineAlignConfig(mara_agents={"default": "a.pth"}).check_servable(
+            AlignParams.parse({"method": "mara", "agent": "x"}))
 
 
 @pytest.mark.parametrize("spec", [None, 0.5, "not json", "[1, 2]", ["dera"]])

@@ -25,9 +25,8 @@ _METHOD_KEYS = {
     "none": (),
     "dera": ("lambda",),
     "aad": ("alpha", "entropy_threshold"),
-    "mara": (),
 }
-_ENGINE_KEYS = ("reference_model", "default")
+_ENGINE_KEYS = ("reference_model", "mara_agents", "default")
 EXTRA_ARGS_KEY = "align"
 
 
@@ -71,12 +70,15 @@ class AlignParams:
         lam: DeRa's lambda; 0 = reference, 1 = aligned, > 1 extrapolates.
         alpha: AAD's plausibility threshold in (0, 1].
         entropy_threshold: AAD's tau, or None to always use the score gap.
+        mara: MARA's settings (``vllm_align.mara.config.MaraParams``) when
+            method is "mara", else None.
     """
 
     method: str = "none"
     lam: float = 1.0
     alpha: float = 0.1
     entropy_threshold: float | None = None
+    mara: Any = None
 
     @property
     def needs_reference(self) -> bool:
@@ -90,6 +92,10 @@ class AlignParams:
         if method not in METHODS:
             raise AlignConfigError(
                 f"unknown alignment method {method!r}; allowed: {', '.join(METHODS)}")
+        if method == "mara":
+            from vllm_align.mara.config import MaraParams
+
+            return cls(method=method, mara=MaraParams.parse(spec))
         allowed = _METHOD_KEYS[method]
         # key=repr: offline dicts may mix key types, which sorted() cannot compare.
         unknown = sorted(set(spec) - {"method", *allowed}, key=repr)
@@ -97,9 +103,6 @@ class AlignParams:
             raise AlignConfigError(
                 f"unknown alignment key(s) {unknown} for method {method!r}; "
                 f"allowed: {['method', *allowed]}")
-        if method == "mara":
-            raise AlignConfigError(
-                "alignment method 'mara' needs a MARA agent, and this engine has none")
         kwargs: dict[str, Any] = {"method": method}
         if "lambda" in spec:
             kwargs["lam"] = finite_number(spec["lambda"], "lambda")
@@ -124,11 +127,19 @@ class EngineAlignConfig:
     Attributes:
         reference_model: path or name of the reference (SFT) checkpoint; None
             means DeRa and AAD requests are refused.
+        mara_agents: {name: checkpoint path} of the MARA agents; empty means
+            MARA requests are refused.
         default: the rule for requests that carry no alignment field.
     """
 
     reference_model: str | None = None
+    mara_agents: Mapping[str, str] = field(default_factory=dict)
     default: AlignParams = field(default_factory=AlignParams)
+
+    @property
+    def needs_wrapper(self) -> bool:
+        """Whether the engine must run the served model inside ``AlignedPairForCausalLM``."""
+        return self.reference_model is not None or bool(self.mara_agents)
 
     @classmethod
     def parse(cls, additional_config: Mapping[str, Any] | None) -> "EngineAlignConfig":
@@ -146,8 +157,11 @@ class EngineAlignConfig:
         ref = spec.get("reference_model")
         if ref is not None and (not isinstance(ref, str) or not ref):
             raise AlignConfigError(f"'reference_model' must be a path or name, got {ref!r}")
+        from vllm_align.mara.config import parse_agent_map
+
         default = AlignParams.parse(spec.get("default") or {"method": "none"})
-        config = cls(reference_model=ref, default=default)
+        config = cls(reference_model=ref, mara_agents=parse_agent_map(spec.get("mara_agents")),
+                     default=default)
         config.check_servable(default, what="the default alignment")
         return config
 
@@ -158,6 +172,8 @@ class EngineAlignConfig:
                 f"{what} uses alignment method {params.method!r}, which needs a "
                 "reference model; start the engine with --reference-model "
                 "(served) or additional_config={'align': {'reference_model': ...}}")
+        if params.method == "mara":
+            params.mara.check_agent(self.mara_agents)
 
     def resolve(self, extra_args: Mapping[str, Any] | None) -> AlignParams:
         """The validated rule for one request's ``SamplingParams.extra_args``."""

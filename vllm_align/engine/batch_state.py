@@ -25,6 +25,7 @@ from vllm.v1.sample.logits_processor import (BatchUpdate, LogitsProcessor,
 
 from vllm_align import methods
 from vllm_align.config import EXTRA_ARGS_KEY, AlignParams, EngineAlignConfig
+from vllm_align.engine.mara_rows import MaraRows, StepResult
 
 # One engine core per worker process; the pair model finds the state of the
 # engine it belongs to through its VllmConfig.
@@ -62,8 +63,15 @@ class AlignBatchState(LogitsProcessor):
         }
         self._dev = {k: v.to(device) for k, v in self._cpu.items()}
         self.num_reqs = 0
-        self.has_dera = self.has_aad = False
+        self.has_dera = self.has_aad = self.has_mara = False
         self.sampling_call_pending = False
+        # MARA (engines with agents): per-row walk state, the runner's
+        # partial-prefill mask for the step, and the step's result.
+        self.mara = None if not self.config.mara_agents else MaraRows(
+            n, vllm_config.model_config.get_vocab_size(), device, is_pin_memory,
+            list(self.config.mara_agents))
+        self.discard: torch.Tensor | None = None
+        self.mara_result: StepResult | None = None
         _STATES[id(vllm_config)] = self
 
     # -- LogitsProcessor interface -------------------------------------
@@ -76,6 +84,7 @@ class AlignBatchState(LogitsProcessor):
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         self.sampling_call_pending = True
+        self.mara_result = None
         if batch_update is None:
             return
         cpu = self._cpu
@@ -84,17 +93,23 @@ class AlignBatchState(LogitsProcessor):
             # without a matching `removed` entry.
             self._write_row(index, self.config.resolve(params.extra_args))
         for src, dst, direction in batch_update.moved:
+            swap = direction == MoveDirectionality.SWAP
             for t in cpu.values():
-                if direction == MoveDirectionality.SWAP:
+                if swap:
                     t[[src, dst]] = t[[dst, src]]
                 else:
                     t[dst] = t[src]
+            if self.mara is not None:
+                self.mara.move(src, dst, swap)
         self.num_reqs = batch_update.batch_size
         active = cpu["method"][: self.num_reqs]
         self.has_dera = bool((active == methods.DERA).any())
         self.has_aad = bool((active == methods.AAD).any())
+        self.has_mara = bool((active == methods.MARA).any())
         for k, t in cpu.items():
             self._dev[k].copy_(t, non_blocking=True)
+        if self.mara is not None:
+            self.mara.sync_params()
 
     def _write_row(self, index: int, params: AlignParams) -> None:
         cpu = self._cpu
@@ -103,6 +118,8 @@ class AlignBatchState(LogitsProcessor):
         cpu["alpha"][index] = params.alpha
         tau = params.entropy_threshold
         cpu["entropy_threshold"][index] = -1.0 if tau is None else tau
+        if self.mara is not None:
+            self.mara.write_row(index, params.mara)
 
     # -- used by the pair model -----------------------------------------
     @property
@@ -124,3 +141,20 @@ class AlignBatchState(LogitsProcessor):
         return methods.align_logits(
             aligned, reference, d["method"][:n], d["lam"][:n], d["alpha"][:n],
             d["entropy_threshold"][:n], has_dera=self.has_dera, has_aad=self.has_aad)
+
+    def apply_mara(self, aligned: torch.Tensor, hidden: torch.Tensor, others: torch.Tensor,
+                   agents) -> torch.Tensor:
+        """One MARA step on the batch's MARA rows (see ``mara_rows.MaraRows.step``).
+
+        Args:
+            aligned: [B, V] the served model's logits; hidden: [B, d] its final
+                hidden states; others: [B, V] float32 logits of the other rows.
+        Returns:
+            [B, V] float32 logits to sample (one-hot on MARA rows).
+        """
+        n = aligned.shape[0]
+        is_mara = self._dev["method"][:n] == methods.MARA
+        if self.discard is not None:  # partial prefills: vLLM drops their output
+            is_mara = is_mara & ~self.discard[:n].to(is_mara.device)
+        out, self.mara_result = self.mara.step(aligned, hidden, is_mara, agents, others)
+        return out

@@ -9,6 +9,33 @@ from vllm_align.config import AlignConfigError
 logger = logging.getLogger("vllm.vllm_align")  # under vLLM's logger: its format and level
 
 
+def served_overrides(aligned: str, *, revision: str | None, trust_remote_code: bool,
+                     agents: dict[str, str]) -> dict:
+    """The hf_overrides that wrap the served model alone (MARA without a reference).
+
+    Also checks every agent against the served model's hidden size, here in
+    the process that starts the engine, so a mismatch refuses to start with
+    one line rather than a traceback from a worker.
+    """
+    from transformers import AutoConfig
+
+    from vllm_align.engine.pair_model import ARCH, INNER_ARCH_ATTR
+
+    cfg = AutoConfig.from_pretrained(aligned, revision=revision,
+                                     trust_remote_code=trust_remote_code)
+    check_agents(agents, cfg.hidden_size)
+    return {"architectures": [ARCH],
+            INNER_ARCH_ATTR: [a for a in (cfg.architectures or []) if a != ARCH]}
+
+
+def check_agents(agents: dict[str, str], hidden_size: int) -> None:
+    """Load each agent once (safely) and refuse one of another input width."""
+    from vllm_align.mara.agent import load_agent
+
+    for path in agents.values():
+        load_agent(path, expected_hidden_size=hidden_size)
+
+
 def pair_overrides(aligned: str, reference: str, *, tokenizer: str | None,
                    revision: str | None, trust_remote_code: bool) -> dict:
     """Check the pair and return the hf_overrides that select the pair model.

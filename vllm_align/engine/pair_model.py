@@ -1,5 +1,8 @@
 """The aligned and reference models as one vLLM model, run in lockstep.
 
+(With MARA agents and no reference model, the same class wraps the served
+model alone, so that MARA sees its final hidden states.)
+
 ``AlignedPairForCausalLM`` wraps two instances of the served architecture,
 built under the prefixes ``aligned`` and ``reference``. vLLM sees one model:
 both models' attention layers land in the same KV-cache group, so they share
@@ -30,6 +33,7 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 
 from vllm_align.config import EngineAlignConfig
 from vllm_align.engine.batch_state import state_for
+from vllm_align.mara.agent import load_agent
 from vllm_align.patches.compiled_classes import own_compiled_classes
 
 ARCH = "AlignedPairForCausalLM"
@@ -47,23 +51,29 @@ class AlignedPairForCausalLM(nn.Module):
         inner_archs = list(getattr(hf_config, INNER_ARCH_ATTR))
         model_cls, _ = ModelRegistry.resolve_model_cls(inner_archs, model_config)
         align = EngineAlignConfig.parse(vllm_config.additional_config)
-        assert align.reference_model is not None
+        assert align.needs_wrapper
 
         aligned_config = vllm_config.with_hf_config(hf_config, architectures=inner_archs)
         self.aligned = model_cls(vllm_config=aligned_config,
                                  prefix=maybe_prefix(prefix, "aligned"))
-        ref_hf_config = AutoConfig.from_pretrained(
-            align.reference_model, trust_remote_code=model_config.trust_remote_code)
-        ref_config = vllm_config.with_hf_config(ref_hf_config, architectures=inner_archs)
-        with own_compiled_classes(model_cls, tag="Reference"):
-            self.reference = model_cls(vllm_config=ref_config,
-                                       prefix=maybe_prefix(prefix, "reference"))
-
-        # vLLM's loader streams these after the served checkpoint, prefixed.
-        self.secondary_weights = [DefaultModelLoader.Source(
-            align.reference_model, revision=None, prefix="reference.")]
+        self.reference = None
+        self._hidden_sizes = [hf_config.hidden_size]
+        if align.reference_model is not None:
+            ref_hf_config = AutoConfig.from_pretrained(
+                align.reference_model, trust_remote_code=model_config.trust_remote_code)
+            ref_config = vllm_config.with_hf_config(ref_hf_config, architectures=inner_archs)
+            with own_compiled_classes(model_cls, tag="Reference"):
+                self.reference = model_cls(vllm_config=ref_config,
+                                           prefix=maybe_prefix(prefix, "reference"))
+            # vLLM's loader streams these after the served checkpoint, prefixed.
+            self.secondary_weights = [DefaultModelLoader.Source(
+                align.reference_model, revision=None, prefix="reference.")]
+            self._hidden_sizes.append(ref_hf_config.hidden_size)
+        # MARA agents: float32, outside the module tree (they are not in the
+        # checkpoint vLLM loads); a width mismatch refuses to start.
+        self.agents = [load_agent(path, expected_hidden_size=hf_config.hidden_size).to(
+            vllm_config.device_config.device) for path in align.mara_agents.values()]
         self.vllm_config = vllm_config
-        self._hidden_sizes = [hf_config.hidden_size, ref_hf_config.hidden_size]
         self.make_empty_intermediate_tensors = getattr(
             self.aligned, "make_empty_intermediate_tensors", None)
 
@@ -78,6 +88,8 @@ class AlignedPairForCausalLM(nn.Module):
             raise ValueError("vllm-align does not support prompt embeddings: the "
                              "reference model needs token ids")
         h_aligned = self.aligned(input_ids, positions, intermediate_tensors, None, **kwargs)
+        if self.reference is None:
+            return h_aligned
         h_ref = self.reference(input_ids, positions, intermediate_tensors, None, **kwargs)
         return torch.cat([h_aligned, h_ref], dim=-1)
 
@@ -87,16 +99,20 @@ class AlignedPairForCausalLM(nn.Module):
         Only the step's sampling call is mixed per request; other calls
         (prompt logprobs, warm-up) get the aligned model's logits.
         """
-        h_aligned, h_ref = hidden_states.split(self._hidden_sizes, dim=-1)
+        h_aligned, *h_ref = hidden_states.split(self._hidden_sizes, dim=-1)
         logits = self.aligned.compute_logits(h_aligned)
         state = state_for(self.vllm_config)
         if state is None or not state.take_sampling_call(hidden_states.shape[0]):
             return logits
         # Called on every tensor-parallel rank alike: it may gather across ranks.
-        ref_logits = self.reference.compute_logits(h_ref) if state.needs_reference else None
+        ref_logits = (self.reference.compute_logits(h_ref[0])
+                      if state.needs_reference and self.reference is not None else None)
         if logits is None:  # a tensor-parallel rank that does not sample
             return None
-        return state.apply_rule(logits, ref_logits)
+        out = state.apply_rule(logits, ref_logits)
+        if state.has_mara:
+            out = state.apply_mara(logits, h_aligned, out, self.agents)
+        return out
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         def route():

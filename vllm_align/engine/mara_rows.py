@@ -1,0 +1,211 @@
+"""MARA's per-row engine state and its one-candidate-per-step walk.
+
+Design (pipelined candidates; see ``docs/mara-engine.md``). Every engine
+step feeds each MARA row exactly ONE candidate token ``c`` at the row's next
+position ``p``. That forward yields both what the agent judges (the LLM's
+final hidden state at ``c``) and, should ``c`` be accepted, the next-token
+distribution at ``p + 1`` and ``c``'s KV. So:
+
+* accept (or forced "last"): ``c`` is emitted; the candidates for ``p + 1``
+  come from this very step's logits; the next step feeds the first of them;
+* reject: nothing is emitted; the next step feeds the next candidate at
+  ``p`` (its KV slot is overwritten);
+* fallback "first" after rejecting all: the first candidate is fed once
+  more (its KV was overwritten) and emitted without asking.
+
+Cost per emitted token: one forward per candidate fed, i.e.
+``1 + (accepted position)`` forwards (``n`` for a forced "last", ``n + 1``
+for a forced "first"); a lone candidate costs one. With most accepts on the
+first candidate that is ~1.3-1.5 forwards per token, and rows never wait for
+each other: a rejecting row simply emits nothing this step. Re-entry after
+prefill or preemption costs one forward that emits nothing (the step that
+produces the first candidate list).
+
+The tensors here mirror vLLM's persistent batch (row i = slot i, moved from
+``BatchUpdate`` diffs by ``AlignBatchState``). ``step`` is batched tensor code
+with no host sync; the runner copies its small ``[B]`` results to the host
+once per step (``StepResult``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+from vllm_align.mara.agent import MaraAgent
+from vllm_align.mara.rules import candidate_set, walk_step
+
+
+class StepResult(NamedTuple):
+    """One step's outcome per row (all [B]; meaningful where ``is_mara``).
+
+    Attributes:
+        is_mara: the row is a MARA row that was judged or (re)started this step
+            (False for partial-prefill rows, whose output vLLM discards).
+        emit: the row emits a token this step (True for non-MARA rows).
+        position: where ``emit``: the emitted candidate's 0-based position in
+            its list (the paper's accepted position, Figure 3).
+        evaluated: where ``emit``: candidates the agent was asked about for it.
+        next_input: the token the row feeds next step (its pending candidate).
+    """
+
+    is_mara: torch.Tensor
+    emit: torch.Tensor
+    position: torch.Tensor
+    evaluated: torch.Tensor
+    next_input: torch.Tensor
+
+
+class MaraRows:
+    """Per-row MARA parameters and walk state for ``num_rows`` batch slots.
+
+    Parameters (host tensors, copied to the device by ``sync_params``):
+        agent: [N] int64 index into the engine's agents; top_k [N] int64;
+        top_p, threshold: [N] float32; fallback_last, sampled: [N] bool.
+    Walk state (device):
+        cand: [N, K] int64 candidate ids of the row's current position;
+        n_valid: [N] int64 candidates in the list; index: [N] int64 the one
+        fed this step; pending: [N] bool a candidate list exists; forced:
+        [N] bool the fed candidate is emitted unasked (fallback "first");
+        asked: [N] int64 agent verdicts used so far at this position.
+    Host mirrors (for the runner, which must place ``next_input`` before the
+    step's forward): pending_cpu [N] bool, next_input_cpu [N] int64.
+    """
+
+    _PARAMS = ("agent", "top_k", "top_p", "threshold", "fallback_last", "sampled")
+    _STATE = ("cand", "n_valid", "index", "pending", "forced", "asked")
+    _HOST = ("pending_cpu", "next_input_cpu")
+
+    def __init__(self, num_rows: int, vocab_size: int, device: torch.device,
+                 pin_memory: bool, agent_names: Sequence[str]):
+        n = num_rows
+        self.vocab_size = vocab_size
+        self.device = device
+        self.agent_index = {name: i for i, name in enumerate(agent_names)}
+        self.params_cpu = {
+            "agent": torch.zeros(n, dtype=torch.int64),
+            "top_k": torch.ones(n, dtype=torch.int64),
+            "top_p": torch.ones(n, dtype=torch.float32),
+            "threshold": torch.full((n,), 0.5, dtype=torch.float32),
+            "fallback_last": torch.ones(n, dtype=torch.bool),
+            "sampled": torch.zeros(n, dtype=torch.bool),
+        }
+        if pin_memory:
+            self.params_cpu = {k: v.pin_memory() for k, v in self.params_cpu.items()}
+        self.params = {k: v.to(device) for k, v in self.params_cpu.items()}
+        self.max_k = 1
+        self.state = {
+            "cand": torch.zeros(n, 1, dtype=torch.int64, device=device),
+            "n_valid": torch.ones(n, dtype=torch.int64, device=device),
+            "index": torch.zeros(n, dtype=torch.int64, device=device),
+            "pending": torch.zeros(n, dtype=torch.bool, device=device),
+            "forced": torch.zeros(n, dtype=torch.bool, device=device),
+            "asked": torch.zeros(n, dtype=torch.int64, device=device),
+        }
+        self.pending_cpu = torch.zeros(n, dtype=torch.bool)
+        self.next_input_cpu = torch.zeros(n, dtype=torch.int64)
+
+    # -- batch layout (from BatchUpdate diffs) ----------------------------
+    def write_row(self, index: int, mara) -> None:
+        """A request joined slot ``index``; ``mara`` is its MaraParams or None."""
+        if mara is not None:
+            p = self.params_cpu
+            p["agent"][index] = self.agent_index[mara.agent]
+            p["top_k"][index] = min(mara.top_k, self.vocab_size)
+            p["top_p"][index] = mara.top_p
+            p["threshold"][index] = mara.threshold
+            p["fallback_last"][index] = mara.fallback_last
+            p["sampled"][index] = mara.sampled
+            self._grow(min(mara.top_k, self.vocab_size))
+        # A new (or re-added) request starts without candidates: its next
+        # forward (prefill, or a re-feed of its last token) produces them.
+        self.state["pending"][index] = False
+        self.state["forced"][index] = False
+        self.pending_cpu[index] = False
+
+    def move(self, src: int, dst: int, swap: bool) -> None:
+        tensors = [*self.params_cpu.values(), *self.state.values(), self.pending_cpu,
+                   self.next_input_cpu]
+        for t in tensors:
+            if swap:
+                t[[src, dst]] = t[[dst, src]]
+            else:
+                t[dst] = t[src]
+
+    def sync_params(self) -> None:
+        for k, t in self.params_cpu.items():
+            self.params[k].copy_(t, non_blocking=True)
+
+    def _grow(self, k: int) -> None:
+        if k <= self.max_k:
+            return
+        old = self.state["cand"]
+        cand = torch.zeros(old.shape[0], k, dtype=old.dtype, device=old.device)
+        cand[:, : old.shape[1]] = old
+        self.state["cand"] = cand
+        self.max_k = k
+
+    # -- one engine step ---------------------------------------------------
+    def step(self, logits: torch.Tensor, hidden: torch.Tensor, is_mara: torch.Tensor,
+             agents: Sequence[MaraAgent], others: torch.Tensor) -> tuple[torch.Tensor, StepResult]:
+        """Judge each MARA row's fed candidate and choose what it feeds next.
+
+        Args:
+            logits: [B, V] the served LLM's logits at each row's last fed token.
+            hidden: [B, d] its final hidden states there (the agent's state).
+            is_mara: [B] bool, MARA rows whose output this step is kept.
+            agents: the engine's agents, indexed by the ``agent`` codes.
+            others: [B, V] float32 logits for the non-MARA rows (their rules).
+        Returns:
+            ``(out, result)``: ``out`` [B, V] float32 logits, one-hot (0 at the
+            token to sample, −inf elsewhere) on MARA rows so that vLLM's sampler
+            returns the emitted token, ``others`` elsewhere; and the
+            ``StepResult``.
+        """
+        b = logits.shape[0]
+        p = {k: v[:b] for k, v in self.params.items()}
+        s = {k: v[:b] for k, v in self.state.items()}
+        judging = is_mara & s["pending"]
+
+        accept_prob = torch.zeros(b, dtype=torch.float32, device=logits.device)
+        for code, agent in enumerate(agents):
+            # One agent: every row at once, no host sync to gather its rows.
+            a = agent.accept_prob(hidden)
+            accept_prob = a if len(agents) == 1 else torch.where(p["agent"] == code, a, accept_prob)
+        uniform = torch.rand(b, device=logits.device)
+        walk = walk_step(s["index"], s["n_valid"], accept_prob, p["threshold"],
+                         p["fallback_last"], p["sampled"], uniform)
+        done = walk.done | s["forced"]
+        chosen = torch.where(s["forced"], s["index"], walk.chosen_index)
+        asked = torch.where(judging, s["asked"] + (walk.asked & ~s["forced"]).long(), s["asked"])
+
+        emit = judging & done & (chosen == s["index"])
+        refeed = judging & done & ~emit  # fallback "first": feed the first candidate again
+        emitted = s["cand"].gather(1, s["index"].unsqueeze(1)).squeeze(1)
+        position, evaluated = s["index"].clone(), asked.clone()
+
+        index = torch.where(judging & ~done, walk.next_index, s["index"])
+        index = torch.where(refeed, chosen, index)
+        forced = torch.where(judging, refeed, s["forced"])
+
+        # New candidate lists: after prefill / re-entry, and after each emit.
+        fresh = is_mara & (~s["pending"] | emit)
+        ids, _, valid = candidate_set(logits, p["top_k"], p["top_p"], self.max_k)
+        cand = torch.where(fresh.unsqueeze(1), ids, s["cand"])
+        n_valid = torch.where(fresh, valid.sum(dim=1), s["n_valid"])
+        index = torch.where(fresh, 0, index)
+        forced = forced & ~fresh
+        asked = torch.where(fresh, 0, asked)
+        pending = s["pending"] | is_mara
+
+        for name, value in (("cand", cand), ("n_valid", n_valid), ("index", index),
+                            ("forced", forced), ("asked", asked), ("pending", pending)):
+            s[name].copy_(value)
+        next_input = cand.gather(1, index.unsqueeze(1)).squeeze(1)
+
+        token = torch.where(emit, emitted, next_input)
+        one_hot = torch.full_like(others, float("-inf"))
+        one_hot.scatter_(1, token.unsqueeze(1), 0.0)
+        out = torch.where(is_mara.unsqueeze(1), one_hot, others)
+        return out, StepResult(is_mara, emit | ~is_mara, position, evaluated, next_input)
