@@ -45,7 +45,8 @@ def apply_patches() -> None:
     if _applied:
         return
     from vllm_align.patches import (engine_args, input_processor, model_runner,
-                                    openai_request, scheduler, serve_command)
+                                    openai_request, output_processor, scheduler,
+                                    serve_command)
 
     for patch in (engine_args.EngineArgsPatch,
                   input_processor.InputProcessorPatch,
@@ -53,6 +54,7 @@ def apply_patches() -> None:
                   openai_request.ChatCompletionRequestPatch,
                   serve_command.ServeSubcommandPatch,
                   scheduler.SchedulerPatch,
-                  model_runner.ModelRunnerPatch):
+                  model_runner.ModelRunnerPatch,
+                  output_processor.OutputProcessorPatch):
         patch.apply()
     _applied = True

@@ -116,6 +116,9 @@ class EngineArgsPatch(VllmPatch):
                 raise AlignConfigError(
                     "vllm-align's MARA needs synchronous scheduling; drop --async-scheduling")
             self.async_scheduling = False
+            from vllm_align.engine import stats
+
+            stats.mara_engine_started = True
         config = EngineArgsPatch.original("create_engine_config")(self, *args, **kwargs)
         import vllm_align
 

@@ -167,18 +167,68 @@ def test_non_finite_lambda_is_400(server, value):
     assert "must be finite" in resp.json()["error"]["message"]
 
 
-def test_engine_without_reference_refuses_dera_per_request(tiny_pair, tmp_path):
+def _agent(tiny_pair, path: Path, width_delta: int = 0) -> tuple[object, str]:
+    from transformers import AutoConfig
+
+    from vllm_align.mara.agent import random_agent, save_agent
+
+    hidden = AutoConfig.from_pretrained(tiny_pair[0]).hidden_size + width_delta
+    agent = random_agent(hidden, seed=1)
+    return agent, str(save_agent(agent, path))
+
+
+def test_mara_served_without_reference_with_metrics(tiny_pair, tmp_path):
+    """An engine with an agent and no reference: MARA served, DeRa/AAD refused per request."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import hf_mara_reference
+    from transformers import AutoTokenizer
+
     aligned, _ = tiny_pair
-    proc, url = _start([aligned, "--sampler", "align"], tmp_path / "serve.log")
+    agent, path = _agent(tiny_pair, tmp_path / "agent.pth")
+    proc, url = _start([aligned, "--sampler", "align", "--mara-agent", f"polite={path}"],
+                       tmp_path / "serve.log")
     try:
         client = _client(url)
-        with pytest.raises(openai.BadRequestError) as err:
-            _complete(client, aligned, {"method": "aad", "alpha": 0.1})
-        assert "reference model" in str(err.value)
-        assert _complete(client, aligned, {"method": "none"}).choices[0].text
+        got = _ids(_complete(client, aligned, {"method": "mara", "agent": "polite", "top_k": 5}))
+        prompt = AutoTokenizer.from_pretrained(aligned)(PROMPT).input_ids
+        steps = hf_mara_reference.mara_greedy_decode(
+            hf_mara_reference.load_model(aligned), agent, prompt, max_new_tokens=MAX_TOKENS,
+            top_k=5)
+        assert got == hf_mara_reference.tokens(steps)
+        for alignment, message in (({"method": "aad", "alpha": 0.1}, "reference model"),
+                                   ({"method": "mara"}, "unknown MARA agent 'default'")):
+            with pytest.raises(openai.BadRequestError) as err:
+                _complete(client, aligned, alignment)
+            assert message in str(err.value)
         assert _complete(client, aligned).choices[0].text
+
+        metrics = requests.get(url + "/metrics", timeout=10).text
+        def value(name: str) -> float:
+            line = next(l for l in metrics.splitlines() if l.startswith(name + " "))
+            return float(line.split()[-1])
+        assert value("vllm_align:mara_tokens_total") == MAX_TOKENS
+        assert value("vllm_align:mara_candidates_evaluated_total") == sum(
+            len(s.accept_probs) for s in steps)
+        first = sum(s.chosen_index == 0 for s in steps)
+        assert value('vllm_align:mara_accepted_position_total{position="0"}') == first
     finally:
         _stop(proc)
+
+
+def test_agent_of_another_width_refuses_to_start_with_one_line(tiny_pair, tmp_path):
+    _, path = _agent(tiny_pair, tmp_path / "wide.safetensors", width_delta=64)
+    vllm = str(Path(sys.executable).with_name("vllm"))
+    done = subprocess.run([vllm, "serve", tiny_pair[0], "--sampler", "align",
+                           "--mara-agent", path], capture_output=True, text=True,
+                          timeout=STARTUP_S)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("vllm-align: refusing to start: MARA agent")
+    from transformers import AutoConfig
+
+    hidden = AutoConfig.from_pretrained(tiny_pair[0]).hidden_size
+    assert f"hidden size {hidden + 64}" in last and f"hidden size is {hidden}" in last
+    assert "Traceback" not in done.stderr
 
 
 def test_incompatible_pair_refuses_to_start_with_one_line(tiny_pair, tmp_path):

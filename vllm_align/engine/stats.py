@@ -19,6 +19,8 @@ from dataclasses import dataclass
 # Attribute of ModelRunnerOutput carrying a step's MARA rows:
 # (req_ids, emitted, position, evaluated), four lists of equal length.
 MARA_REPORT_ATTR = "vllm_align_mara"
+# Set in the process that configures an engine with MARA agents.
+mara_engine_started = False
 
 
 def record_token(request, position: int, evaluated: int) -> None:
