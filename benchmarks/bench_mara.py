@@ -94,7 +94,6 @@ def bench_hf_mara(model_path: str, agent, prompts, tokens: int, dtype: str,
         cache = DynamicCache()
         with torch.inference_mode():
             logits = model(torch.tensor([prompt]), past_key_values=cache).logits[:, -1]
-            length = len(prompt)
             for _ in range(n_steps):
                 ids, _, valid = candidate_set(logits, k, p, top_k)
                 n = int(valid.sum())
@@ -103,9 +102,8 @@ def bench_hf_mara(model_path: str, agent, prompts, tokens: int, dtype: str,
                     if n == 1 or j == n - 1 or float(agent.accept_prob(
                             out.hidden_states[-1][:, -1])[0]) > 0.5:
                         break
-                    cache.crop(length)  # rejected: drop its KV, try the next candidate
+                    cache.crop(-1)  # rejected: drop its KV, try the next candidate
                 logits = out.logits[:, -1]
-                length += 1
         return n_steps
 
     run(prompts[0], 2)  # warm-up

@@ -38,6 +38,8 @@ METHODS: dict[str, dict] = {
     "DeRa lambda=1.5": {"method": "dera", "lambda": 1.5},
     "DeRa lambda=2": {"method": "dera", "lambda": 2.0},
     "AAD alpha=0.1": {"method": "aad", "alpha": 0.1},
+    # An untrained (random) agent: MARA's mechanics, not its alignment.
+    "MARA (untrained)": {"method": "mara"},
 }
 SHOWN_PROMPTS = 3
 MAX_TOKENS = 96
@@ -98,7 +100,8 @@ def _offline(world) -> dict[str, dict[str, str]]:
     for name, spec in METHODS.items():
         print(f"  {name:<18} extra_args={{'align': {spec}}}")
     llm = LLM(model=world.dpo_path, dtype="float32", max_model_len=MAX_MODEL_LEN, seed=0,
-              additional_config={"align": {"reference_model": world.sft_path}})
+              additional_config={"align": {"reference_model": world.sft_path,
+                                           "mara_agents": {"default": _untrained_agent(world)}}})
     try:
         prompt_ids = world.prompt_token_ids(llm.get_tokenizer())
         t0 = time.monotonic()
@@ -124,6 +127,19 @@ def _offline(world) -> dict[str, dict[str, str]]:
         stderr = statistics.stdev(rewards) / len(rewards) ** 0.5
         print(f"  {name:<18} {statistics.mean(rewards):7.4f} {stderr:7.4f}")
     return shown
+
+
+def _untrained_agent(world) -> str:
+    """A random MARA agent for the DPO model, saved next to it (the trainer makes real ones)."""
+    from transformers import AutoConfig
+
+    from vllm_align.mara.agent import random_agent, save_agent
+
+    path = Path(world.dpo_path).parent / "mara-untrained.safetensors"
+    if not path.exists():
+        hidden = AutoConfig.from_pretrained(world.dpo_path).hidden_size
+        save_agent(random_agent(hidden, seed=0), path)
+    return str(path)
 
 
 def _served(world, prompts: Sequence[str]) -> dict[str, dict[str, str]]:
@@ -161,7 +177,8 @@ def _server(world, log: Path) -> Iterator[str]:
     port = _free_port()
     vllm = str(Path(sys.executable).with_name("vllm"))
     cmd = [vllm, "serve", world.dpo_path, "--sampler", "align",
-           "--reference-model", world.sft_path, "--host", "127.0.0.1", "--port", str(port),
+           "--reference-model", world.sft_path, "--mara-agent", _untrained_agent(world),
+           "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0"]
     print(f"  $ vllm serve {world.dpo_path} --sampler align \\\n"
           f"      --reference-model {world.sft_path} --port {port} ...")
