@@ -58,3 +58,21 @@ def test_missing_target_attribute_fails_loudly():
 
     with pytest.raises(RuntimeError, match="Target.gone not found"):
         Missing.apply()
+
+
+def test_every_patched_site_is_applied_and_names_its_vllm_version():
+    """Each module in patches/ patches one site, says which vLLM it was written for, and is live."""
+    import importlib
+    import pkgutil
+
+    patches.apply_patches()
+    sites = [m.name for m in pkgutil.iter_modules(patches.__path__) if m.name != "base"]
+    assert {"engine_args", "input_processor", "model_runner", "scheduler",
+            "output_processor"} <= set(sites)
+    for name in sites:
+        module = importlib.import_module(f"vllm_align.patches.{name}")
+        assert f"vLLM {patches.SUPPORTED_VLLM}" in module.__doc__, name
+        for cls in vars(module).values():
+            if isinstance(cls, type) and issubclass(cls, VllmPatch) and cls is not VllmPatch:
+                for attr in cls.replaces:
+                    assert cls.target.__dict__[attr] is cls.__dict__[attr], (name, attr)
