@@ -3,7 +3,10 @@
 One process, the runs one after the other, one locally built model (~118M
 parameters by default), same prompts, fixed length:
 
-* plain    : vLLM, the model alone, greedy;
+* plain    : vLLM, the model alone, greedy (vLLM's default: async scheduling);
+* plain-sync: the same with async scheduling off, as an engine with MARA
+             agents runs (its rollback of rejecting rows is written for the
+             synchronous scheduler);
 * mara     : vLLM with the plugin, every request MARA (k=40, p=0.95, greedy
              decisions), the agent's accept bias calibrated so that about 70%
              of first candidates are accepted (the measured rate is reported);
@@ -53,13 +56,13 @@ def calibrated_agent(model_path: str, prompts, rate: float, path: str):
     return agent
 
 
-def bench_vllm(model: str, agent_path: str | None, prompts, tokens: int, dtype: str):
+def bench_vllm(model: str, agent_path: str | None, prompts, tokens: int, dtype: str,
+               **kwargs):
     """(tokens/s, [MaraStats] or None) of one engine over ``prompts``."""
     from vllm import LLM, SamplingParams, TokensPrompt
 
     from vllm_align.engine.stats import mara_stats
 
-    kwargs = {}
     extra = None
     if agent_path is not None:
         kwargs["additional_config"] = {"align": {"mara_agents": {"default": agent_path}}}
@@ -140,6 +143,8 @@ def main(argv=None) -> int:
     agent = calibrated_agent(model, prompts, args.accept_rate, agent_path)
 
     plain, _ = bench_vllm(model, None, prompts, args.tokens, args.dtype)
+    plain_sync, _ = bench_vllm(model, None, prompts, args.tokens, args.dtype,
+                               async_scheduling=False)
     mara, stats = bench_vllm(model, agent_path, prompts, args.tokens, args.dtype)
     hf = bench_hf_mara(model, agent, prompts[: args.hf_prompts], args.tokens, args.dtype)
     n_tokens = sum(s.num_tokens for s in stats)
@@ -149,13 +154,17 @@ def main(argv=None) -> int:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "vllm_reserved_cpus": os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"],
         "config": vars(args),
-        "tokens_per_s": {"plain": round(plain, 1), "mara": round(mara, 1),
+        "tokens_per_s": {"plain": round(plain, 1), "plain-sync": round(plain_sync, 1),
+                         "mara": round(mara, 1),
                          "hf-mara-batch1": round(hf, 1)},
         "mara_first_candidate_rate": round(first, 3),
         "mara_mean_position": round(sum(sum(s.positions) for s in stats) / n_tokens, 3),
         "mara_candidates_fed_per_token": round(
             sum(sum(s.positions) + s.num_tokens for s in stats) / n_tokens, 3),
-        "ratios": {"mara/plain": round(mara / plain, 3), "mara/hf-mara-batch1": round(mara / hf, 2)},
+        "ratios": {"mara/plain": round(mara / plain, 3),
+                   "mara/plain-sync": round(mara / plain_sync, 3),
+                   "plain-sync/plain": round(plain_sync / plain, 3),
+                   "mara/hf-mara-batch1": round(mara / hf, 2)},
     }
     print(json.dumps(report, indent=2))
     if args.json:
