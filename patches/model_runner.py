@@ -71,6 +71,16 @@ class ModelRunnerPatch(VllmPatch):
             req_ids = self.input_batch.req_ids
             self._vllm_align_report = ([req_ids[i] for i in rows], emit[rows].tolist(),
                                        host[2][rows].tolist(), host[3][rows].tolist())
+            # vLLM rewinds a discarded row's seeded generator (its sample is
+            # redrawn later); a MARA row's sample is its one-hot token, so
+            # there is nothing to rewind, and CPU generators cannot rewind.
+            generators = self.input_batch.generators
+            held = {i: generators.pop(i) for i in rows.tolist() if i in generators}
+            try:
+                return ModelRunnerPatch.original("_bookkeeping_sync")(
+                    self, scheduler_output, sampler_output, *args, **kwargs)
+            finally:
+                generators.update(held)
         return ModelRunnerPatch.original("_bookkeeping_sync")(
             self, scheduler_output, sampler_output, *args, **kwargs)
 

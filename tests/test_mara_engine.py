@@ -148,8 +148,10 @@ def test_sampled_decisions(mara_llm, hf_models, agents):
     specs = [{"method": "mara", "agent": "always", "decisions": "sampled"},
              {"method": "mara", "agent": "never", "decisions": "sampled", "top_k": 6},
              {"method": "mara", "decisions": "sampled", "top_k": 4}]
-    params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True,
-                             extra_args={"align": s}) for s in specs]
+    # Seeded and at temperature 1 (both irrelevant to MARA's choice; a seeded
+    # row that emits nothing in a step must not disturb vLLM's generators).
+    params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=i, ignore_eos=True,
+                             extra_args={"align": s}) for i, s in enumerate(specs)]
     outputs = _generate(mara_llm, prompts, params)
     aligned, _ = hf_models
     greedy = hf_reference.generate(aligned, None, prompts[0], {"method": "none"}, MAX_TOKENS,
