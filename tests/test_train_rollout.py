@@ -175,3 +175,23 @@ def test_plain_decisions_are_greedy_decoding(model):
         _rollout(model).collect(_prompts(), None, decisions="best")
     with pytest.raises(ValueError, match="actor weights"):
         _rollout(model).collect(_prompts(), None, decisions="greedy")
+
+
+def test_reference_decisions_sample_the_llm_over_the_candidates(model):
+    """Walking with a_k = p_k / Σ_{j≥k} p_j emits t_k with probability p_k / Σ_j p_j."""
+    from vllm_align.mara.rules import candidate_set
+
+    prompt = PROMPTS[0]
+    n = 800
+    out = _rollout(model, max_len=1).collect([Prompt(i, "", tuple(prompt)) for i in range(n)],
+                                             None, seed=1, decisions="reference")
+    logits, _ = hf_mara_reference.forward_last(model, prompt)
+    ids, probs, valid = candidate_set(logits[None], torch.tensor([6]), torch.tensor([0.9]), 6)
+    k = int(valid.sum())
+    assert k >= 3
+    expected = probs[0, :k] / probs[0, :k].sum()
+    picks = torch.tensor([e.chosen[0] for e in out.episodes])
+    assert [e.token_ids[0] for e in out.episodes] == ids[0, picks].tolist()
+    freq = torch.bincount(picks, minlength=k)[:k].float() / n
+    sigma = (expected * (1 - expected) / n).sqrt()
+    assert ((freq - expected).abs() < 4 * sigma + 1e-3).all(), (freq, expected)

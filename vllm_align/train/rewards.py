@@ -90,8 +90,10 @@ class HFScoreModel:
                 f"reward model {path} has {getattr(config, 'num_labels', None)} output labels; "
                 "a reward/cost model needs a score head with exactly 1 (num_labels=1)")
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), dtype=getattr(torch, dtype)).to(device).eval()
+        from vllm_align.train.rollout import quiet_load
+
+        self.model = quiet_load(AutoModelForSequenceClassification.from_pretrained, str(path),
+                                dtype=getattr(torch, dtype)).to(device).eval()
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:  # HF finds the last token through it

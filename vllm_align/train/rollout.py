@@ -48,7 +48,7 @@ from vllm_align.train.prompts import Prompt
 from vllm_align.train.rewards import TerminalReward, load_scorer
 from vllm_align.train.sac import Batch
 
-DECISION_MODES = ("sampled", "greedy", "plain")
+DECISION_MODES = ("sampled", "greedy", "plain", "reference")
 
 
 @dataclass
@@ -104,9 +104,11 @@ class Rollout(Protocol):
         """Roll out one episode per prompt with the actor of ``actor_state``.
 
         ``decisions``: "sampled" (accept with probability a, training),
-        "greedy" (accept when a > threshold, as served) or "plain" (no agent:
-        always the first candidate, i.e. greedy decoding of the LLM; no
-        transitions).
+        "greedy" (accept when a > threshold, as served), or without an agent
+        (``actor_state`` ignored, no transitions, KL columns meaningless):
+        "plain" (always the first candidate: greedy decoding of the LLM) or
+        "reference" (sampling from the LLM over the candidate set, i.e. plain
+        top-k/top-p sampling).
         """
         ...
 
@@ -131,10 +133,24 @@ class RolloutSpec:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
+def quiet_load(load, *args, **kwargs):
+    """Call a ``from_pretrained`` without transformers' per-load progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load(*args, **kwargs)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
 def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu"):
+    """(model in eval mode without gradients, tokenizer) from an HF checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = quiet_load(AutoModelForCausalLM.from_pretrained, path, dtype=getattr(torch, dtype))
     return model.to(device).eval().requires_grad_(False), AutoTokenizer.from_pretrained(path)
 
 
@@ -226,7 +242,7 @@ class HFRollout:
                 *, seed: int = 0, decisions: str = "sampled") -> RolloutBatch:
         if decisions not in DECISION_MODES:
             raise ValueError(f"decisions must be one of {list(DECISION_MODES)}, got {decisions!r}")
-        if decisions != "plain":
+        if decisions in ("sampled", "greedy"):
             if actor_state is None:
                 raise ValueError(f"decisions={decisions!r} needs actor weights")
             self.agent.load_state_dict(actor_state)
@@ -255,8 +271,14 @@ class HFRollout:
 
             # Decisions. Not asked: a lone candidate, or the forced last one.
             asked = idx < n_valid - 1
-            if decisions == "plain":
-                accept = torch.ones_like(asked)
+            if decisions in ("plain", "reference"):  # no agent: the LLM's own choice
+                if decisions == "plain":
+                    accept = torch.ones_like(asked)
+                else:  # a_k = p_k / Σ_{j≥k} p_j makes π_θ(t_k) = p_k / Σ_j p_j
+                    p_k = cand_p.gather(1, idx[:, None]).squeeze(1)
+                    col = torch.arange(cand_p.shape[1], device=dev)
+                    tail = torch.where(col >= idx[:, None], cand_p, 0.0).sum(1)
+                    accept = torch.rand(rows.numel(), generator=gen).to(dev) * tail < p_k
                 logp_acc = logp_rej = torch.zeros(rows.numel(), device=dev)
             else:
                 agent_logits = self.agent.logits(hidden)
