@@ -92,7 +92,7 @@ def run_workers(trainer, prompts: list[Prompt], report: Callable[[dict], None],
             batch = ray.get(done[0])
             row = trainer.consume(batch)
             report(row)
-            since = trainer._maybe_checkpoint(since)
+            since = trainer.maybe_checkpoint(since)
             if handed_out < total:
                 submit(w)
     finally:

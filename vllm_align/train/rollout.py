@@ -310,12 +310,10 @@ class HFRollout:
             chosen[rows[emit], slot[emit]] = idx[emit]
             n_tok = n_tok + emit.long()
             pos = pos + emit.long()
-            new_cand, new_p, new_valid = self._candidates(next_logits)
-            e = emit[:, None]
-            cand = torch.where(e, new_cand, cand)
-            cand_p = torch.where(e, new_p, cand_p)
-            valid = torch.where(e, new_valid, valid)
-            n_valid = valid.sum(1)
+            if emit.any():  # next position's candidates, for the rows that moved on
+                moved = emit.nonzero().squeeze(1)
+                cand[moved], cand_p[moved], valid[moved] = self._candidates(next_logits[moved])
+                n_valid = valid.sum(1)
             idx = torch.where(emit, torch.zeros_like(idx), idx + 1)
             log_reject = torch.where(emit, torch.zeros_like(log_reject), log_reject + logp_rej)
 

@@ -192,7 +192,7 @@ class MaraTrainer:
         if len(self.rows) % self.cfg.log_every == 0:
             (bar.write if bar is not None else print)(console_line(row))
 
-    def _maybe_checkpoint(self, since: int) -> int:
+    def maybe_checkpoint(self, since: int) -> int:
         every = self.cfg.checkpoint_every
         if self.episodes // every > since // every:
             self.save()
@@ -261,7 +261,7 @@ class MaraTrainer:
             self.rollouts += 1
             row = self.consume(batch)
             self._report(row, bar)
-            since = self._maybe_checkpoint(since)
+            since = self.maybe_checkpoint(since)
 
 
 def _diff(saved: dict, now: dict, prefix: str = "") -> str:
