@@ -218,7 +218,8 @@ def test_gradient_clipping_bounds_each_networks_step():
         sac = SACState.create(8, cfg, hidden=(16, 16))
         sac.critic_opt = torch.optim.SGD([*sac.q1.parameters(), *sac.q2.parameters()], lr=1.0)
         sac.actor_opt = torch.optim.SGD(sac.actor.parameters(), lr=1.0)
-        before = {n: [p.clone() for p in getattr(sac, n).parameters()] for n in ("q1", "q2", "actor")}
+        before = {n: [p.detach().clone() for p in getattr(sac, n).parameters()]
+                  for n in ("q1", "q2", "actor")}
         m = sac_update(sac, _random_batch(32, 8), cfg)
         assert m["critic_grad_norm"] > clip and m["actor_grad_norm"] > clip
         steps[max_norm] = {n: math.sqrt(sum(float(((p.detach() - b) ** 2).sum()) for p, b in
