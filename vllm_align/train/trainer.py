@@ -22,6 +22,7 @@ checkpoint with its replay buffer repeats the uninterrupted run exactly.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,9 @@ class MaraTrainer:
         if found is not None and not self.cfg.resume:
             raise TrainError(f"{self.out} already holds checkpoints (newest {found.name}); pass "
                              "--resume to continue that run or choose another --output-dir")
+        if self.cfg.resume and found is None:
+            print(f"train-mara: no checkpoint in {self.ckpt_root}; starting a new run",
+                  file=sys.stderr)
         return found if self.cfg.resume else None
 
     def _counters(self) -> dict[str, Any]:
