@@ -209,6 +209,27 @@ def test_alpha_decreases_when_entropy_above_target_and_vice_versa():
     assert sac.alpha == pytest.approx(0.8)
 
 
+def test_gradient_clipping_bounds_each_networks_step():
+    """With SGD(lr=1), each network moves by exactly max_grad_norm when its gradient is larger."""
+    clip = 1e-4
+    steps = {}
+    for max_norm in (clip, None):
+        cfg = SACConfig(batch_size=32, max_grad_norm=max_norm, autotune_entropy=False)
+        sac = SACState.create(8, cfg, hidden=(16, 16))
+        sac.critic_opt = torch.optim.SGD([*sac.q1.parameters(), *sac.q2.parameters()], lr=1.0)
+        sac.actor_opt = torch.optim.SGD(sac.actor.parameters(), lr=1.0)
+        before = {n: [p.detach().clone() for p in getattr(sac, n).parameters()]
+                  for n in ("q1", "q2", "actor")}
+        m = sac_update(sac, _random_batch(32, 8), cfg)
+        assert m["critic_grad_norm"] > clip and m["actor_grad_norm"] > clip
+        steps[max_norm] = {n: math.sqrt(sum(float(((p.detach() - b) ** 2).sum()) for p, b in
+                                             zip(getattr(sac, n).parameters(), before[n])))
+                           for n in before}
+    for name in ("q1", "q2", "actor"):
+        assert steps[clip][name] == pytest.approx(clip, rel=1e-3)
+        assert steps[None][name] > 10 * clip
+
+
 def test_actor_is_the_mara_agent_format_and_state_round_trips():
     cfg = SACConfig(batch_size=16)
     sac = SACState.create(12, cfg)

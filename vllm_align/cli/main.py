@@ -99,6 +99,103 @@ def generate_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+# (flag, SACConfig field, type, help); defaults come from SACConfig (paper table 6).
+_SAC_FLAGS = (
+    ("--episodes", "training_episodes", int, "episodes (responses) to roll out in total"),
+    ("--batch-size", "batch_size", int, "transitions per SAC update"),
+    ("--actor-lr", "actor_lr", float, "actor (agent) learning rate"),
+    ("--critic-lr", "critic_lr", float, "critics' learning rate"),
+    ("--alpha-lr", "alpha_lr", float, "entropy-coefficient learning rate"),
+    ("--gamma", "gamma", float, "discount factor"),
+    ("--tau", "tau", float, "Polyak rate of the target critics"),
+    ("--buffer-size", "buffer_size", int, "replay buffer capacity (transitions)"),
+    ("--kl-coef", "kl_coef", float, "λ of the token reward −λ·(log π_θ(t) − log π_ref(t))"),
+    ("--max-response-len", "max_response_len", int, "response limit in tokens"),
+    ("--top-k", "top_k", int, "candidate top-k (as at inference)"),
+    ("--top-p", "top_p", float, "candidate top-p (as at inference)"),
+    ("--init-alpha", "init_alpha", float, "initial entropy coefficient"),
+    ("--target-entropy-ratio", "target_entropy_ratio", float,
+     "target entropy as a fraction of log 2"),
+    ("--max-grad-norm", "max_grad_norm", float, "gradient-norm clip per network"),
+    ("--learning-starts", "learning_starts", int, "transitions collected before updating"),
+    ("--updates-per-step", "updates_per_step", float,
+     "SAC updates per environment step (rollout-batch transitions)"),
+    ("--alpha-r", "alpha_r", float, "weight of R in the terminal reward α_r·R − α_c·C"),
+    ("--alpha-c", "alpha_c", float, "weight of C in the terminal reward α_r·R − α_c·C"),
+    ("--seed", "seed", int, "seed of networks, replay sampling, prompt order and rollouts"),
+    ("--num-workers", "num_workers", int, "rollout workers; > 1 runs them as Ray actors"),
+)
+
+
+def _train_mara_args(p: argparse.ArgumentParser) -> None:
+    from vllm_align.train.config import DTYPES, SACConfig, TrainConfig
+
+    sac, run = SACConfig(), TrainConfig
+    p.add_argument("--model", required=True, help="the LLM (Hugging Face checkpoint)")
+    p.add_argument("--prompts", required=True, metavar="PATH",
+                   help="JSONL ('prompt' or chat 'messages' per line) or a `datasets` directory")
+    p.add_argument("--output-dir", required=True,
+                   help="checkpoints/, agent.safetensors (the trained agent), metrics.csv")
+    p.add_argument("--reward", default=None, metavar="SPEC",
+                   help="R(x, y): a sequence-classification model directory (1-output score "
+                   "head), or MODULE:FUNCTION / FILE.py:FUNCTION with fn(prompt, response) -> float")
+    p.add_argument("--cost", default=None, metavar="SPEC", help="C(x, y), same kinds as --reward")
+    for flag, name, kind, text in _SAC_FLAGS:
+        p.add_argument(flag, dest=f"sac_{name}", type=kind, default=None,
+                       metavar="N" if kind is int else "X", help=f"{text} (default {getattr(sac, name)!r})")
+    p.add_argument("--no-autotune-entropy", action="store_true",
+                   help="keep the entropy coefficient fixed at --init-alpha")
+    p.add_argument("--buffer-fp16", action="store_true", help="store replay states as float16")
+    p.add_argument("--rollout-batch", type=int, default=run.rollout_batch,
+                   help="episodes rolled out together per worker (default %(default)s)")
+    p.add_argument("--checkpoint-every", type=int, default=run.checkpoint_every,
+                   help="episodes between checkpoints (default %(default)s)")
+    p.add_argument("--keep-checkpoints", type=int, default=run.keep_checkpoints)
+    p.add_argument("--save-replay", action="store_true",
+                   help="include the replay buffer in checkpoints (exact resume)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --output-dir")
+    p.add_argument("--dtype", default=run.dtype, choices=DTYPES)
+    p.add_argument("--device", default=run.device)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    p.add_argument("--reward-batch-size", type=int, default=run.reward_batch_size)
+    p.add_argument("--log-every", type=int, default=run.log_every,
+                   help="a console metrics line every N rollouts (default %(default)s)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log to OUTPUT_DIR/tensorboard (needs tensorboard)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("train-mara", "train a MARA accept/reject agent with discrete SAC",
+         args=_train_mara_args)
+def train_mara(args: argparse.Namespace) -> int:
+    from vllm_align.train.config import SACConfig, TrainConfig
+    from vllm_align.train.trainer import train_mara as run_training
+
+    overrides = {name: getattr(args, f"sac_{name}") for _, name, _, _ in _SAC_FLAGS
+                 if getattr(args, f"sac_{name}") is not None}
+    if args.no_autotune_entropy:
+        overrides["autotune_entropy"] = False
+    if args.buffer_fp16:
+        overrides["buffer_fp16"] = True
+    try:
+        cfg = TrainConfig(
+            model=args.model, prompts=args.prompts, output_dir=args.output_dir,
+            reward=args.reward, cost=args.cost, sac=SACConfig(**overrides),
+            rollout_batch=args.rollout_batch, checkpoint_every=args.checkpoint_every,
+            keep_checkpoints=args.keep_checkpoints, save_replay=args.save_replay,
+            resume=args.resume, dtype=args.dtype, device=args.device, threads=args.threads,
+            reward_batch_size=args.reward_batch_size, progress=not args.no_progress,
+            log_every=args.log_every, tensorboard=args.tensorboard).validate()
+        result = run_training(cfg)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"vllm-align train-mara: error: {e}", file=sys.stderr)
+        return 2
+    print(f"agent: {result.agent_path}  ({result.episodes} episodes, {result.updates} updates, "
+          f"{result.elapsed_s:.0f} s; metrics: {result.metrics_csv})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vllm-align", description="vllm-align tools (serving is `vllm serve --sampler align`)")

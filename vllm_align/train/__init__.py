@@ -1,14 +1,35 @@
 """MARA trainer: discrete Soft Actor-Critic for accept/reject agents.
 
 No serving code and no vLLM imports here: ``config`` (typed hyper-parameters,
-paper table 6 defaults), ``sac`` (networks and the standalone update),
-``replay`` (fixed-capacity replay buffer).
+paper table 6 defaults, and the run's ``TrainConfig``), ``sac`` (networks and
+the standalone update), ``replay`` (fixed-capacity replay buffer), ``rollout``
+(the MDP: batched HF rollouts with the agent in the loop), ``rewards``
+(reward/cost sources), ``prompts``, ``trainer`` (the loop, checkpoints,
+metrics), ``distributed`` (Ray rollout workers).
+
+Names are imported lazily, so ``vllm_align.train.config`` loads without torch.
 """
 
-from vllm_align.train.config import SACConfig
-from vllm_align.train.replay import ReplayBuffer
-from vllm_align.train.sac import (Batch, Critic, MaraActor, SACState, critic_target,
-                                  polyak_update, sac_update)
+from __future__ import annotations
 
-__all__ = ["SACConfig", "ReplayBuffer", "Batch", "Critic", "MaraActor", "SACState",
-           "critic_target", "polyak_update", "sac_update"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "SACConfig": "config", "TrainConfig": "config",
+    "ReplayBuffer": "replay",
+    "Batch": "sac", "Critic": "sac", "MaraActor": "sac", "SACState": "sac",
+    "critic_target": "sac", "polyak_update": "sac", "sac_update": "sac",
+    "HFRollout": "rollout", "Rollout": "rollout", "RolloutBatch": "rollout",
+    "RolloutSpec": "rollout", "Episode": "rollout",
+    "MaraTrainer": "trainer", "TrainResult": "trainer", "train_mara": "trainer",
+    "load_scorer": "rewards", "TerminalReward": "rewards",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vllm_align.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"vllm_align.train.{_EXPORTS[name]}"), name)

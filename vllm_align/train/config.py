@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -51,7 +52,7 @@ class SACConfig:
     # --- ours ----------------------------------------------------------------
     max_grad_norm: Optional[float] = 10.0  # clip each network's gradient norm to this; None = no clipping
     learning_starts: int = 10_000  # transitions in the buffer before the first update
-    updates_per_step: int = 1  # SAC updates per environment step (one batched rollout step)
+    updates_per_step: float = 1  # SAC updates per environment step (TrainConfig.rollout_batch transitions); may be fractional
     seed: int = 0  # seed of network initialisation, replay sampling and rollouts
     alpha_r: float = 1.0  # weight of the reward model in the terminal reward α_r·R − α_c·C
     alpha_c: float = 1.0  # weight of the cost model in the terminal reward α_r·R − α_c·C
@@ -71,7 +72,6 @@ class SACConfig:
         _int(self, "top_k", lo=1)
         _int(self, "training_episodes", lo=1)
         _int(self, "learning_starts", lo=0)
-        _int(self, "updates_per_step", lo=1)
         _int(self, "num_workers", lo=1)
         _int(self, "seed", lo=0)
         for name in ("actor_lr", "critic_lr", "alpha_lr", "init_alpha"):
@@ -80,6 +80,7 @@ class SACConfig:
         _float(self, "tau", lo=0.0, hi=1.0, lo_open=True)
         _float(self, "top_p", lo=0.0, hi=1.0, lo_open=True)
         _float(self, "kl_coef", lo=0.0)
+        _float(self, "updates_per_step", lo=0.0, lo_open=True)
         _float(self, "alpha_r", lo=0.0)
         _float(self, "alpha_c", lo=0.0)
         _float(self, "target_entropy_ratio", lo=0.0, hi=1.0, hi_open=True)
@@ -130,3 +131,100 @@ def _float(cfg: SACConfig, name: str, lo: float | None = None, hi: float | None 
         lo_s = "-inf" if lo is None else f"{lo:g}"
         hi_s = "inf" if hi is None else f"{hi:g}"
         raise ValueError(f"SACConfig.{name} must be in {left}{lo_s}, {hi_s}{right}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------
+# The training run
+# ---------------------------------------------------------------------------
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class TrainConfig:
+    """A MARA training run: the LLM, prompts, reward sources, SAC settings, bookkeeping.
+
+    ``reward`` and ``cost`` are ``vllm_align.train.rewards.load_scorer`` specs:
+    a Hugging Face sequence-classification directory with a 1-output score
+    head, ``MODULE:FUNCTION`` / ``FILE.py:FUNCTION`` naming
+    ``fn(prompt, response) -> float``, or such a callable. The terminal reward
+    is ``sac.alpha_r·R − sac.alpha_c·C``.
+    """
+
+    model: str  # the LLM (HF checkpoint): candidates, π_ref and the agent's state come from it
+    prompts: Any  # JSONL file ('prompt' or chat 'messages'), a `datasets` directory, or a list
+    output_dir: str  # checkpoints, agent.safetensors, metrics.csv
+    reward: Any = None  # R(x, y): reward model directory, MODULE:FN, FILE.py:FN or callable
+    cost: Any = None  # C(x, y): same kinds; None = no cost
+    sac: SACConfig = dataclasses.field(default_factory=SACConfig)  # SAC/MDP hyper-parameters
+    rollout_batch: int = 64  # episodes rolled out together (per worker); one environment step = this many transitions
+    checkpoint_every: int = 1000  # episodes between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    save_replay: bool = False  # put the replay buffer in checkpoints (exact resume; large)
+    resume: bool = False  # continue from the newest checkpoint in output_dir
+    dtype: str = "float32"  # LLM dtype; states are stored and fed to the agent as float32
+    device: str = "cpu"  # device of the LLM, the reward models and the learner
+    threads: Optional[int] = None  # torch threads per process (None: torch's default)
+    reward_batch_size: int = 16  # pairs per reward/cost model forward
+    progress: bool = True  # tqdm progress bar
+    log_every: int = 10  # a console metrics line every this many rollouts
+    tensorboard: bool = False  # also log to output_dir/tensorboard (needs the tensorboard package)
+
+    def validate(self) -> "TrainConfig":
+        """Check every field; raise ``ValueError`` naming the first bad one. Returns self."""
+        if not isinstance(self.sac, SACConfig):
+            raise ValueError(f"TrainConfig.sac must be a SACConfig, got {self.sac!r:.80}")
+        self.sac.validate()
+        for name in ("model", "output_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+                raise ValueError(f"TrainConfig.{name} must be a non-empty path, got {value!r}")
+        if not isinstance(self.prompts, (str, os.PathLike, list, tuple)) or \
+                (isinstance(self.prompts, (list, tuple)) and not self.prompts):
+            raise ValueError("TrainConfig.prompts must be a JSONL path, a datasets directory or "
+                             f"a non-empty list, got {self.prompts!r:.80}")
+        for name in ("reward", "cost"):
+            value = getattr(self, name)
+            if value is not None and not callable(value) and not (
+                    isinstance(value, (str, os.PathLike)) and os.fspath(value)):
+                raise ValueError(f"TrainConfig.{name} must be None, a path/spec string or a "
+                                 f"callable, got {value!r}")
+        if self.reward is None and self.cost is None:
+            raise ValueError("TrainConfig needs a reward or a cost source (reward=..., cost=...); "
+                             "both are None")
+        for name in ("rollout_batch", "checkpoint_every", "keep_checkpoints",
+                     "reward_batch_size", "log_every"):
+            _int(self, name, lo=1)
+        if self.threads is not None:
+            _int(self, "threads", lo=1)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"TrainConfig.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"TrainConfig.device must be a device string, got {self.device!r}")
+        for name in ("save_replay", "resume", "progress", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        return self
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must agree on to be resumed by this run (JSON-able).
+
+        Everything that changes the learning problem or its state: the LLM,
+        prompts, reward sources and the SAC settings except the episode budget
+        and the number of workers (a run may be extended or re-scaled).
+        """
+        sac = {k: v for k, v in self.sac.to_dict().items()
+               if k not in ("training_episodes", "num_workers")}
+        return {"model": os.fspath(self.model), "prompts": _spec_name(self.prompts),
+                "reward": _spec_name(self.reward), "cost": _spec_name(self.cost),
+                "rollout_batch": self.rollout_batch, "dtype": self.dtype, "sac": sac}
+
+
+def _spec_name(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return f"<list of {len(value)}>"
+    return f"{getattr(value, '__module__', '?')}:{getattr(value, '__qualname__', repr(value))}"

@@ -1,0 +1,102 @@
+"""Rollout workers on Ray: N actors feed one learner's replay buffer.
+
+Each worker is a Ray actor holding its own ``HFRollout`` (LLM, reward and
+cost models) built from the picklable ``RolloutSpec``. The learner (the
+calling process, ``MaraTrainer``) keeps every worker busy: it sends a worker a
+batch of prompts together with the newest actor weights (``ray.put`` once per
+weight version, so each version is broadcast once through the object store),
+takes whichever rollout finishes first (``ray.wait``), adds it to the buffer,
+runs the SAC updates it pays for, and hands that worker the next batch. As in
+the paper's distributed SAC, collection never waits for learning and vice
+versa; a rollout may thus run with weights a few updates old.
+
+Ray is initialised here if the caller has not done so (``ray.init`` reads
+``RAY_ADDRESS`` to join a running cluster). Each worker reserves one CPU and
+runs torch with ``threads`` threads (default 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from vllm_align.train.prompts import Prompt
+from vllm_align.train.rollout import HFRollout, RolloutBatch, RolloutSpec
+
+
+class RolloutWorker:
+    """The body of a Ray rollout actor (also usable in-process, for tests)."""
+
+    def __init__(self, spec: RolloutSpec, worker_id: int, threads: int = 1) -> None:
+        torch.set_num_threads(threads)
+        self.worker_id = worker_id
+        self.rollout = HFRollout.from_spec(spec)
+
+    def hidden_size(self) -> int:
+        return self.rollout.hidden_size
+
+    def collect(self, prompts: list[Prompt], actor_state: dict, seed: int) -> RolloutBatch:
+        batch = self.rollout.collect(prompts, actor_state, seed=seed)
+        batch.worker = self.worker_id
+        return batch
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeError("--num-workers > 1 runs rollout workers on Ray, which is not "
+                           "installed: pip install 'vllm-align[ray]'") from None
+    return ray
+
+
+def run_workers(trainer, prompts: list[Prompt], report: Callable[[dict], None],
+                threads: Optional[int] = None) -> None:
+    """Drive ``trainer`` (a ``MaraTrainer`` mid-``train``) with Ray rollout workers."""
+    from vllm_align.train.trainer import rollout_seed, rollout_spec
+
+    ray = _ray()
+    cfg = trainer.cfg
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    worker_cls = ray.remote(num_cpus=1)(RolloutWorker)
+    spec = rollout_spec(cfg)
+    workers = [worker_cls.remote(spec, i, threads or cfg.threads or 1)
+               for i in range(cfg.sac.num_workers)]
+    total = cfg.sac.training_episodes
+    handed_out = trainer.episodes
+    in_flight: dict[Any, int] = {}  # object ref -> worker index
+    weights_ref, weights_version = None, -1
+    since = trainer.episodes
+
+    def submit(w: int) -> None:
+        nonlocal handed_out, weights_ref, weights_version
+        batch = trainer.next_prompts(prompts, handed_out)
+        if not batch:
+            return
+        if weights_version != trainer.sac.num_updates:  # broadcast each version once
+            weights_ref = ray.put(trainer.actor_state())
+            weights_version = trainer.sac.num_updates
+        seed = rollout_seed(cfg.sac.seed, trainer.rollouts)
+        trainer.rollouts += 1
+        handed_out += len(batch)
+        in_flight[workers[w].collect.remote(batch, weights_ref, seed)] = w
+
+    try:
+        for w in range(len(workers)):
+            submit(w)
+        while in_flight:
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            w = in_flight.pop(done[0])
+            batch = ray.get(done[0])
+            row = trainer.consume(batch)
+            report(row)
+            since = trainer.maybe_checkpoint(since)
+            if handed_out < total:
+                submit(w)
+    finally:
+        for ref in in_flight:
+            ray.cancel(ref, force=True)
+        for worker in workers:
+            ray.kill(worker)

@@ -1,0 +1,396 @@
+"""MARA rollouts: the trainer's environment, batched over episodes with a Hugging Face LM.
+
+The MDP (MARA paper §3.1-3.3). At response position i the LLM's candidates
+``t_1..t_n`` (top-k then top-p, descending probability; ``rules.candidate_set``)
+are walked in order:
+
+* state ``s`` = the LLM's final hidden state (after the final norm) at the
+  candidate's position, after feeding prompt + prefix + candidate: exactly
+  what the agent reads at inference (``tests/hf_mara_reference.py``);
+* action 1 = accept (emit the candidate, next state = the first candidate of
+  position i+1), 0 = reject (next state = the next candidate of position i);
+* the last candidate is forced (fallback "last", never asked), a lone
+  candidate is emitted without asking; such steps have no decision, so the
+  transition of the preceding decision leads to the next *decision* state and
+  collects the rewards in between;
+* token reward, on the transition that emits token t:
+  ``−λ_KL·(log π_θ(t) − log π_ref(t))`` with ``π_θ(t_k) = a_k·Π_{j<k}(1−a_j)``
+  (a = the actor's accept probabilities; ``a_k`` → 1 for a forced token) and
+  ``π_ref(t)`` the LLM's probability of t over the whole vocabulary;
+* terminal reward ``α_r·R(x, y) − α_c·C(x, y)`` added to the episode's last
+  transition, ``done = 1`` there (EOS emitted or the response limit reached).
+  Rewards before an episode's first decision are not attributable and dropped.
+
+``HFRollout.collect`` runs B episodes in lockstep, one forward of ``[B, 1]``
+tokens per micro-step: each row feeds its current candidate (the next
+candidate after a reject, the first candidate of the next position after an
+emit). The KV cache is an HF ``DynamicCache`` that grows by one column per
+micro-step; a rejected candidate's column is masked out of the attention mask
+afterwards, so every kept state equals the one computed over prompt + prefix +
+candidate alone (up to float rounding). Finished rows leave the batch.
+
+Any other environment (e.g. one backed by the vLLM engine) plugs in by
+implementing ``Rollout``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Protocol, Sequence, Union
+
+import torch
+
+from vllm_align.mara.agent import ACCEPT, MaraAgent
+from vllm_align.mara.rules import candidate_set
+from vllm_align.train.prompts import Prompt
+from vllm_align.train.rewards import TerminalReward, load_scorer
+from vllm_align.train.sac import Batch
+
+DECISION_MODES = ("sampled", "greedy", "plain", "reference")
+
+
+@dataclass
+class Episode:
+    """One finished response and its statistics.
+
+    Attributes:
+        prompt_id: the prompt's id.
+        token_ids: the emitted tokens (EOS included when emitted).
+        response: ``token_ids`` decoded without special tokens.
+        chosen: per emitted token, its position in the candidate walk.
+        reward, cost, terminal: R, C and ``α_r·R − α_c·C``.
+        kl: Σ over emitted tokens of ``log π_θ(t) − log π_ref(t)``.
+        num_decisions, num_accepts, num_fallbacks: agent decisions, accepts
+            among them, positions where the forced last candidate was emitted.
+        episode_return: Σ of this episode's transition rewards.
+    """
+
+    prompt_id: Union[str, int]
+    token_ids: list[int]
+    response: str
+    chosen: list[int]
+    reward: float
+    cost: float
+    terminal: float
+    kl: float
+    num_decisions: int
+    num_accepts: int
+    num_fallbacks: int
+    episode_return: float = 0.0
+
+
+@dataclass
+class RolloutBatch:
+    """Transitions for the replay buffer (float32 CPU tensors) and per-episode stats."""
+
+    transitions: Batch
+    episodes: list[Episode]
+    forwards: int = 0  # one-token LLM forwards summed over rows (prefill not counted)
+    worker: int = 0
+
+    def __len__(self) -> int:
+        return int(self.transitions.action.numel())
+
+
+class Rollout(Protocol):
+    """What the trainer needs from an environment."""
+
+    hidden_size: int
+
+    def collect(self, prompts: Sequence[Prompt], actor_state: Optional[Mapping[str, torch.Tensor]],
+                *, seed: int, decisions: str = "sampled") -> RolloutBatch:
+        """Roll out one episode per prompt with the actor of ``actor_state``.
+
+        ``decisions``: "sampled" (accept with probability a, training),
+        "greedy" (accept when a > threshold, as served), or without an agent
+        (``actor_state`` ignored, no transitions, KL columns meaningless):
+        "plain" (always the first candidate: greedy decoding of the LLM) or
+        "reference" (sampling from the LLM over the candidate set, i.e. plain
+        top-k/top-p sampling).
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """Everything a (possibly remote) ``HFRollout`` is built from; picklable."""
+
+    model: str
+    reward: Any = None  # load_scorer spec (a callable must be picklable for Ray)
+    cost: Any = None
+    alpha_r: float = 1.0
+    alpha_c: float = 1.0
+    kl_coef: float = 0.1
+    top_k: int = 40
+    top_p: float = 0.95
+    max_response_len: int = 512
+    threshold: float = 0.5  # greedy decisions only
+    dtype: str = "float32"
+    device: str = "cpu"
+    reward_batch_size: int = 16
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def quiet_load(load, *args, **kwargs):
+    """Call a ``from_pretrained`` without transformers' per-load progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load(*args, **kwargs)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu"):
+    """(model in eval mode without gradients, tokenizer) from an HF checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = quiet_load(AutoModelForCausalLM.from_pretrained, path, dtype=getattr(torch, dtype))
+    return model.to(device).eval().requires_grad_(False), AutoTokenizer.from_pretrained(path)
+
+
+def _check_model(model) -> None:
+    cfg = model.config
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        raise ValueError(f"{cfg.model_type} uses sliding-window attention; the MARA rollout "
+                         "masks rejected candidates' cache columns, which a window would count")
+
+
+class HFRollout:
+    """Batched MARA rollouts with a Hugging Face causal LM (see the module doc).
+
+    Args:
+        model: an HF causal LM whose ``hidden_states[-1]`` is the final-norm
+            output read by its LM head (checked on the first forward).
+        tokenizer: its tokenizer (decoding responses; pad/EOS ids).
+        terminal: the terminal reward; None = 0 (evaluation without rewards).
+        kl_coef, top_k, top_p, max_response_len, threshold: as in ``SACConfig``
+            / ``MaraParams``.
+    """
+
+    def __init__(self, model, tokenizer, terminal: Optional[TerminalReward] = None, *,
+                 kl_coef: float = 0.1, top_k: int = 40, top_p: float = 0.95,
+                 max_response_len: int = 512, threshold: float = 0.5) -> None:
+        _check_model(model)
+        self.model, self.tokenizer, self.terminal = model, tokenizer, terminal
+        self.kl_coef, self.top_k, self.top_p = float(kl_coef), int(top_k), float(top_p)
+        self.max_response_len, self.threshold = int(max_response_len), float(threshold)
+        self.hidden_size = int(model.config.hidden_size)
+        self.device = next(model.parameters()).device
+        self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (self.eos_id or 0))
+        self.agent = MaraAgent(self.hidden_size).to(self.device).eval().requires_grad_(False)
+        self._checked = False
+
+    @classmethod
+    def from_spec(cls, spec: RolloutSpec) -> "HFRollout":
+        model, tokenizer = load_causal_lm(spec.model, spec.dtype, spec.device)
+        kw = dict(batch_size=spec.reward_batch_size, device=spec.device)
+        terminal = TerminalReward(load_scorer(spec.reward, **kw), load_scorer(spec.cost, **kw),
+                                  spec.alpha_r, spec.alpha_c)
+        return cls(model, tokenizer, terminal, kl_coef=spec.kl_coef, top_k=spec.top_k,
+                   top_p=spec.top_p, max_response_len=spec.max_response_len,
+                   threshold=spec.threshold)
+
+    # -- LLM ------------------------------------------------------------------
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache):
+        """→ (final hidden [B, d] float32, next-token logits [B, V] float32)."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, past_key_values=cache, use_cache=True,
+                         output_hidden_states=True)
+        hidden, logits = out.hidden_states[-1][:, -1], out.logits[:, -1]
+        if not self._checked:
+            again = self.model.get_output_embeddings()(hidden)
+            if not torch.allclose(again.float(), logits.float(), rtol=1e-3, atol=1e-3):
+                raise ValueError("this model's hidden_states[-1] is not what its LM head reads "
+                                 "(the final-norm output); it cannot give MARA's state")
+            self._checked = True
+        return hidden.float(), logits.float()
+
+    def _prefill(self, prompts: Sequence[Prompt]):
+        from transformers import DynamicCache
+
+        lengths = torch.tensor([len(p.token_ids) for p in prompts])
+        width = int(lengths.max())
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for b, p in enumerate(prompts):  # left padding: every row ends at the last column
+            ids[b, width - len(p.token_ids):] = torch.tensor(p.token_ids)
+            mask[b, width - len(p.token_ids):] = 1
+        position = (mask.cumsum(1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        _, logits = self._forward(ids.to(self.device), mask.to(self.device),
+                                  position.to(self.device), cache)
+        return cache, mask.to(self.device), lengths.to(self.device), logits
+
+    def _candidates(self, logits: torch.Tensor):
+        b = logits.shape[0]
+        return candidate_set(logits, torch.full((b,), self.top_k, device=logits.device),
+                             torch.full((b,), self.top_p, device=logits.device), self.top_k)
+
+    # -- episodes ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def collect(self, prompts: Sequence[Prompt], actor_state: Optional[Mapping[str, torch.Tensor]],
+                *, seed: int = 0, decisions: str = "sampled") -> RolloutBatch:
+        if decisions not in DECISION_MODES:
+            raise ValueError(f"decisions must be one of {list(DECISION_MODES)}, got {decisions!r}")
+        if decisions in ("sampled", "greedy"):
+            if actor_state is None:
+                raise ValueError(f"decisions={decisions!r} needs actor weights")
+            self.agent.load_state_dict(actor_state)
+        gen = torch.Generator().manual_seed(int(seed))
+        dev, n_ep, max_len = self.device, len(prompts), self.max_response_len
+
+        cache, mask, pos, logits = self._prefill(prompts)
+        cand, cand_p, valid = self._candidates(logits)
+        n_valid = valid.sum(1)
+        rows = torch.arange(n_ep, device=dev)  # episode index of each live row
+        idx = torch.zeros(n_ep, dtype=torch.long, device=dev)  # current candidate index
+        log_reject = torch.zeros(n_ep, device=dev)  # Σ_{j<idx} log(1 − a_j)
+        n_tok = torch.zeros(n_ep, dtype=torch.long, device=dev)
+        tokens = torch.full((n_ep, max_len), self.pad_id, dtype=torch.long, device=dev)
+        chosen = torch.zeros((n_ep, max_len), dtype=torch.long, device=dev)
+        fallbacks = torch.zeros(n_ep, dtype=torch.long, device=dev)
+        lengths = torch.zeros(n_ep, dtype=torch.long, device=dev)
+        row_forwards = 0
+        decisions_log: list[tuple] = []  # (episode, step, state, action) per asked row
+        events: list[tuple] = []  # (episode, step, token reward, log π_θ − log π_ref) per emit
+        step = 0
+        while rows.numel():
+            tok = cand.gather(1, idx[:, None])  # [B, 1]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            hidden, next_logits = self._forward(tok, mask, pos[:, None], cache)
+
+            # Decisions. Not asked: a lone candidate, or the forced last one.
+            asked = idx < n_valid - 1
+            if decisions in ("plain", "reference"):  # no agent: the LLM's own choice
+                if decisions == "plain":
+                    accept = torch.ones_like(asked)
+                else:  # a_k = p_k / Σ_{j≥k} p_j makes π_θ(t_k) = p_k / Σ_j p_j
+                    p_k = cand_p.gather(1, idx[:, None]).squeeze(1)
+                    col = torch.arange(cand_p.shape[1], device=dev)
+                    tail = torch.where(col >= idx[:, None], cand_p, 0.0).sum(1)
+                    accept = torch.rand(rows.numel(), generator=gen).to(dev) * tail < p_k
+                logp_acc = logp_rej = torch.zeros(rows.numel(), device=dev)
+            else:
+                agent_logits = self.agent.logits(hidden)
+                logp = torch.log_softmax(agent_logits, dim=-1)
+                a = torch.softmax(agent_logits, dim=-1)[:, ACCEPT]  # as MaraAgent.accept_prob
+                logp_acc, logp_rej = logp[:, ACCEPT], logp[:, 1 - ACCEPT]
+                if decisions == "greedy":
+                    accept = a > self.threshold
+                else:
+                    accept = torch.rand(rows.numel(), generator=gen).to(dev) < a
+                decisions_log.append((rows[asked], step, hidden[asked],
+                                      accept[asked].long()))
+            emit = ~asked | accept
+            forced = ~asked & (n_valid > 1)  # the last candidate, all before it rejected
+            fallbacks.index_add_(0, rows[forced], torch.ones_like(rows[forced]))
+            row_forwards += rows.numel()
+
+            # Token reward of emitted tokens: −λ·(log π_θ(t) − log π_ref(t)).
+            log_pi = log_reject + torch.where(asked, logp_acc, torch.zeros_like(logp_acc))
+            log_ref = cand_p.gather(1, idx[:, None]).squeeze(1).clamp_min(1e-30).log()
+            diff = log_pi - log_ref
+            if emit.any():
+                events.append((rows[emit], step, -self.kl_coef * diff[emit], diff[emit]))
+
+            # Rejected candidates leave the context; emitted ones stay.
+            mask[:, -1] = emit.long()
+            slot = n_tok.clamp(max=max_len - 1)
+            tokens[rows[emit], slot[emit]] = tok[emit, 0]
+            chosen[rows[emit], slot[emit]] = idx[emit]
+            n_tok = n_tok + emit.long()
+            pos = pos + emit.long()
+            if emit.any():  # next position's candidates, for the rows that moved on
+                moved = emit.nonzero().squeeze(1)
+                cand[moved], cand_p[moved], valid[moved] = self._candidates(next_logits[moved])
+                n_valid = valid.sum(1)
+            idx = torch.where(emit, torch.zeros_like(idx), idx + 1)
+            log_reject = torch.where(emit, torch.zeros_like(log_reject), log_reject + logp_rej)
+
+            finished = emit & ((tok[:, 0] == self.eos_id) | (n_tok >= max_len))
+            step += 1
+            if finished.any():
+                lengths[rows[finished]] = n_tok[finished]
+                keep = (~finished).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows, mask, pos, idx, log_reject, n_tok = (
+                    t[keep] for t in (rows, mask, pos, idx, log_reject, n_tok))
+                cand, cand_p, valid, n_valid = cand[keep], cand_p[keep], valid[keep], n_valid[keep]
+        out = self._assemble(prompts, tokens, chosen, lengths, fallbacks, decisions_log, events,
+                             step)
+        out.forwards = row_forwards
+        return out
+
+    def _assemble(self, prompts, tokens, chosen, lengths, fallbacks, decisions_log, events,
+                  steps) -> RolloutBatch:
+        """Per-step records → transitions with next states, folded rewards and done flags."""
+        n_ep, d = len(prompts), self.hidden_size
+        tokens, chosen, lengths = tokens.cpu(), chosen.cpu(), lengths.cpu()
+        fallbacks_cpu = fallbacks.cpu()
+        token_lists = [tokens[b, :lengths[b]].tolist() for b in range(n_ep)]
+        responses = [self.tokenizer.decode(t, skip_special_tokens=True) for t in token_lists]
+        if self.terminal is not None:
+            r, c, term = self.terminal(prompts, responses)
+        else:
+            r = c = term = [0.0] * n_ep
+        terminal = torch.tensor(term, dtype=torch.float32)
+
+        ev_ep = torch.cat([e[0].cpu() for e in events]) if events else torch.zeros(0, dtype=torch.long)
+        ev_step = torch.cat([torch.full((e[0].numel(),), e[1]) for e in events]) \
+            if events else torch.zeros(0, dtype=torch.long)
+        ev_r = torch.cat([e[2].cpu() for e in events]) if events else torch.zeros(0)
+        ev_kl = torch.cat([e[3].cpu() for e in events]) if events else torch.zeros(0)
+        kl = torch.zeros(n_ep).index_add_(0, ev_ep, ev_kl)
+
+        if decisions_log:
+            dec_ep = torch.cat([x[0].cpu() for x in decisions_log])
+            dec_step = torch.cat([torch.full((x[0].numel(),), x[1]) for x in decisions_log])
+            state = torch.cat([x[2].cpu() for x in decisions_log])
+            action = torch.cat([x[3].cpu() for x in decisions_log])
+        else:
+            dec_ep = dec_step = action = torch.zeros(0, dtype=torch.long)
+            state = torch.zeros(0, d)
+        span = steps + 1
+        key = dec_ep * span + dec_step
+        order = torch.argsort(key)
+        key, dec_ep, state, action = key[order], dec_ep[order], state[order], action[order]
+        n = key.numel()
+
+        # Each token reward goes to the latest decision of its episode at or before it.
+        reward = torch.zeros(n)
+        if n:
+            owner = torch.searchsorted(key, ev_ep * span + ev_step, right=True) - 1
+            ok = (owner >= 0) & (dec_ep[owner.clamp(min=0)] == ev_ep)
+            reward.index_add_(0, owner[ok], ev_r[ok])
+        last = torch.ones(n, dtype=torch.bool)  # an episode's last decision: done
+        last[:-1] = dec_ep[1:] != dec_ep[:-1]
+        reward[last] += terminal[dec_ep[last]]
+        next_state = torch.zeros_like(state)
+        next_state[:-1] = state[1:]
+        next_state[last] = 0.0
+        returns = torch.zeros(n_ep).index_add_(0, dec_ep, reward)
+        n_dec = torch.bincount(dec_ep, minlength=n_ep)
+        n_acc = torch.bincount(dec_ep, weights=action.float(), minlength=n_ep)
+
+        episodes = []
+        for b in range(n_ep):
+            picks = chosen[b, :lengths[b]]
+            episodes.append(Episode(
+                prompt_id=prompts[b].id, token_ids=token_lists[b], response=responses[b],
+                chosen=picks.tolist(), reward=float(r[b]), cost=float(c[b]),
+                terminal=float(term[b]), kl=float(kl[b]), num_decisions=int(n_dec[b]),
+                num_accepts=int(n_acc[b]), num_fallbacks=int(fallbacks_cpu[b]),
+                episode_return=float(returns[b])))
+        batch = Batch(state=state.float(), action=action.long(), reward=reward.float(),
+                      next_state=next_state.float(), done=last.float())
+        return RolloutBatch(batch, episodes)

@@ -1,0 +1,182 @@
+"""A toy MARA task that trains in minutes on a CPU: politeness on the toy world's SFT model.
+
+The LLM is the toy world's SFT model (``vllm_align.toy.world``): its answers
+open with a plain or polite opener ("Sure thing." / "Thank you.") and each
+sentence with a plain or polite lead-in ("Note that" / "Please note"); greedy
+decoding is rarely polite. Polite variants are often among the top-k/top-p
+candidates, but behind the plain ones. The reward is the number of polite
+words in the (16-token) response, ``polite_count``; an agent that learns to
+reject the plain variants there raises it, the KL term keeps it from
+wandering into improbable text elsewhere.
+
+``run_toy`` trains on 512 of the world's training requests and evaluates on
+its 64 held-out prompts: plain decoding of the LLM (greedy, and top-k/top-p
+sampling), and MARA with the untrained agent (the SAC actor at
+initialisation, same seed) and with the trained agent, each with sampled
+decisions (the policy SAC optimises; 4 seeds) and greedy decisions (the
+served default). ``benchmarks/train_mara_toy.py`` runs it and writes the
+learning curve to ``docs/mara-training/``.
+
+A caveat on greedy decisions: with fallback "last", an agent that rejects
+(nearly) everything emits the least probable candidate at every position, and
+in this world the least probable candidate is often the polite one; the
+untrained actor at seed 0 happens to be such an agent. Its greedy score is
+therefore high for a reason that has nothing to do with learning (and its
+sampled score, where its P(accept) ≈ 0.47 counts, is plain-like).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from statistics import fmean
+from typing import Any, Optional, Sequence
+
+from vllm_align.toy import world as toy_world
+
+DEFAULT_WORLD_DIR = Path(__file__).resolve().parents[2] / ".cache" / "toy-world"
+
+
+def polite_reward(prompt: str, response: str) -> float:
+    """Fraction of the response's words that are polite (the toy world's rule)."""
+    return toy_world.polite_reward(response)
+
+
+def polite_count(prompt: str, response: str) -> float:
+    """R(x, y) = number of polite words in the response (what the toy agent is trained on).
+
+    Not the fraction: a fraction can be raised by ending the answer early, and
+    an agent trained on it learns exactly that (``Happy to help.</s>``).
+    """
+    return float(sum(w in toy_world.POLITE for w in re.findall(r"[a-z]+", response.lower())))
+
+
+def train_records(seed: int = 0, num: int = 512) -> list[dict]:
+    """``num`` distinct chat prompts from the world's training requests (never the held-out ones)."""
+    seen: dict[str, None] = {}
+    for prompt, _ in toy_world.toy_corpus(num * 4, seed=seed + 100):
+        seen.setdefault(prompt, None)
+        if len(seen) == num:
+            break
+    return [{"id": i, "messages": toy_world.chat_messages(p)} for i, p in enumerate(seen)]
+
+
+def eval_records(seed: int = 0) -> list[dict]:
+    return [{"id": f"eval-{i}", "messages": toy_world.chat_messages(p)}
+            for i, p in enumerate(toy_world.eval_prompts(seed))]
+
+
+@dataclasses.dataclass
+class ToySettings:
+    """The toy run. Table 6 where it fits; where it does not, why (one line each).
+
+    The paper's settings are for 20k episodes of 512 tokens on 7 workers; this
+    run has 2048 episodes of 16 tokens on one CPU core, so it replays each
+    transition more often, learns faster and tracks its targets faster.
+    """
+
+    episodes: int = 2048  # training episodes (table 6: 20000)
+    rollout_batch: int = 64  # episodes per rollout
+    batch_size: int = 128  # SAC batch (table 6: 1024); smaller and more frequent updates
+    updates_per_step: float = 8.0  # 8 updates per 64 transitions: each replayed ~16 times
+    learning_starts: int = 512  # transitions before the first update
+    alpha_r: float = 1.0  # R = number of polite words; one word outweighs the KL of reaching it
+    kl_coef: float = 0.1  # λ_KL (table 6)
+    max_response_len: int = 16  # the opener and the first lead-in, where politeness is decided
+    target_entropy_ratio: float = 0.3  # target entropy 0.3·log 2: the agent may become decisive
+    init_alpha: float = 0.05  # initial entropy coefficient (table 6: 0.8, for rewards ~10x larger)
+    tau: float = 0.02  # Polyak rate (table 6: 0.005): targets keep up with fewer updates
+    alpha_lr: float = 3e-4  # entropy-coefficient learning rate (table 6)
+    lr: float = 1e-3  # actor and critic learning rate (table 6: 3e-4)
+    seed: int = 0  # networks, replay sampling, prompt order, rollout decisions
+    threads: int = 1  # torch threads (a tiny model: more threads mostly add overhead)
+    num_train_prompts: int = 512  # distinct training requests
+
+    def train_config(self, world_dir: Path, out_dir: Path, **overrides: Any):
+        from vllm_align.train.config import SACConfig, TrainConfig
+
+        sac = SACConfig(training_episodes=self.episodes, batch_size=self.batch_size,
+                        updates_per_step=self.updates_per_step,
+                        learning_starts=self.learning_starts, alpha_r=self.alpha_r,
+                        kl_coef=self.kl_coef, max_response_len=self.max_response_len,
+                        target_entropy_ratio=self.target_entropy_ratio, seed=self.seed,
+                        init_alpha=self.init_alpha, alpha_lr=self.alpha_lr, tau=self.tau,
+                        actor_lr=self.lr, critic_lr=self.lr,
+                        buffer_size=200_000)
+        fields = dict(model=str(world_dir / "sft"), prompts=train_records(
+            self.seed, self.num_train_prompts), output_dir=str(out_dir),
+            reward="vllm_align.train.toy:polite_count", sac=sac,
+            rollout_batch=self.rollout_batch, checkpoint_every=512, threads=self.threads,
+            progress=False, log_every=4)
+        fields.update(overrides)
+        return TrainConfig(**fields).validate()
+
+
+EVAL_SEEDS = (1000, 1001, 1002, 1003)  # sampled evaluations: 4 x 64 held-out episodes
+
+
+def evaluate(model_path: str, runs: dict[str, tuple[Optional[dict], str]], *,
+             seeds: Sequence[int] = EVAL_SEEDS, max_response_len: int = 64, top_k: int = 40,
+             top_p: float = 0.95) -> dict[str, dict[str, Any]]:
+    """Mean polite reward on the 64 held-out prompts for each (actor state, decisions) run.
+
+    ``decisions`` as in ``HFRollout.collect``: "sampled" / "greedy" MARA with
+    the agent, or "plain" (greedy) / "reference" (top-k/top-p sampling) decoding
+    of the LLM alone (state None). Greedy runs are decoded once, sampled ones
+    once per seed. Returns {name: {"reward", "accept_rate", "responses"}}
+    (responses of the first seed).
+    """
+    from vllm_align.train.prompts import load_prompts
+    from vllm_align.train.rewards import CallableScorer, TerminalReward
+    from vllm_align.train.rollout import HFRollout, load_causal_lm
+
+    model, tokenizer = load_causal_lm(model_path)
+    prompts = load_prompts(eval_records(), tokenizer)
+    rollout = HFRollout(model, tokenizer, TerminalReward(CallableScorer(polite_count), None),
+                        top_k=top_k, top_p=top_p, max_response_len=max_response_len)
+    out = {}
+    for name, (state, decisions) in runs.items():
+        episodes, responses = [], None
+        for seed in (seeds if decisions in ("sampled", "reference") else seeds[:1]):
+            batch = rollout.collect(prompts, state, seed=seed, decisions=decisions)
+            episodes += batch.episodes
+            responses = responses or [e.response for e in batch.episodes]
+        decided = sum(e.num_decisions for e in episodes)
+        out[name] = {"reward": fmean(e.reward for e in episodes),
+                     "accept_rate": sum(e.num_accepts for e in episodes) / max(1, decided),
+                     "responses": responses}
+    return out
+
+
+def run_toy(out_dir: os.PathLike, world_dir: os.PathLike = DEFAULT_WORLD_DIR,
+            settings: ToySettings = ToySettings(), log=print) -> dict[str, Any]:
+    """Build/reuse the toy world, train an agent, evaluate plain / untrained / trained.
+
+    Returns {"plain", "untrained", "trained": mean held-out reward, "result": TrainResult,
+    "eval": the full evaluation}.
+    """
+    import torch
+
+    from vllm_align.train.sac import SACState
+    from vllm_align.train.trainer import train_mara
+
+    world_dir, out_dir = Path(world_dir), Path(out_dir)
+    toy_world.build_toy_world(world_dir, seed=0, log=log)
+    torch.set_num_threads(settings.threads)
+    cfg = settings.train_config(world_dir, out_dir)
+    from transformers import AutoConfig
+
+    d = AutoConfig.from_pretrained(cfg.model).hidden_size
+    untrained = SACState.create(d, cfg.sac).actor.state_dict()  # the run's initial actor
+    result = train_mara(cfg)
+    trained = torch.load(result.checkpoint / "trainer.pt", weights_only=True)["sac"]["actor"]
+    ev = evaluate(cfg.model, {
+        "plain greedy": (None, "plain"), "plain sampling": (None, "reference"),
+        "untrained sampled": (untrained, "sampled"), "trained sampled": (trained, "sampled"),
+        "untrained greedy": (untrained, "greedy"), "trained greedy": (trained, "greedy"),
+    }, max_response_len=settings.max_response_len, top_k=cfg.sac.top_k, top_p=cfg.sac.top_p)
+    summary = {k: v["reward"] for k, v in ev.items()}
+    log("held-out mean polite reward: " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+    return {**summary, "result": result, "eval": ev}
