@@ -32,6 +32,7 @@ from typing import Any, Mapping
 
 from vllm_align.config import (EXTRA_ARGS_KEY, AlignConfigError, AlignParams,
                                finite_number, json_object)
+from vllm_align.data.prompts import DataError, read_prompts, render_prompt
 
 DEFAULT_CHOSEN = {"method": "aad", "alpha": 0.1}
 DEFAULT_REJECTED = {"method": "none"}
@@ -41,7 +42,7 @@ REJECTED_SAMPLING = {"temperature": 1.0, "top_p": 0.9}
 _SAMPLING_KEYS = ("temperature", "top_p")
 
 
-class PairsError(ValueError):
+class PairsError(DataError):
     """Bad input, flags or output file for generate-pairs."""
 
 
@@ -99,53 +100,6 @@ def parse_side(spec: Any, *, side: str, defaults: Mapping[str, float]) -> SideSp
     except AlignConfigError as e:
         raise PairsError(f"--{side}: {e}") from None
     return SideSpec(align, temperature=sampling["temperature"], top_p=sampling["top_p"])
-
-
-@dataclass
-class PromptItem:
-    index: int          # position in the input: the per-prompt seed is seed + index
-    id: str | int
-    prompt: str | None = None
-    messages: list | None = None
-
-
-def read_prompts(path: str | os.PathLike) -> list[PromptItem]:
-    """Read and validate the prompt JSONL (blank lines are skipped)."""
-    items: list[PromptItem] = []
-    seen: set = set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PairsError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(obj, dict):
-                raise PairsError(f"{where}: expected a JSON object, got {obj!r:.80}")
-            index = len(items)
-            pid = obj.get("id", index)
-            if isinstance(pid, bool) or not isinstance(pid, (str, int)):
-                raise PairsError(f"{where}: 'id' must be a string or an integer, got {pid!r}")
-            if pid in seen:
-                raise PairsError(f"{where}: duplicate id {pid!r}")
-            seen.add(pid)
-            if "prompt" in obj:
-                if not isinstance(obj["prompt"], str):
-                    raise PairsError(f"{where}: 'prompt' must be a string, got {obj['prompt']!r:.80}")
-                items.append(PromptItem(index, pid, prompt=obj["prompt"]))
-            elif "messages" in obj:
-                msgs = obj["messages"]
-                if not isinstance(msgs, list) or not msgs or not all(
-                        isinstance(m, dict) and isinstance(m.get("role"), str)
-                        and isinstance(m.get("content"), str) for m in msgs):
-                    raise PairsError(f"{where}: 'messages' must be a non-empty list of "
-                                     f"{{role, content}} strings, got {msgs!r:.80}")
-                items.append(PromptItem(index, pid, messages=msgs))
-            else:
-                raise PairsError(f"{where}: needs 'prompt' (string) or 'messages' (chat list)")
-    return items
 
 
 def _fsync_dir(path: Path) -> None:
@@ -255,7 +209,6 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
 
     from tqdm import tqdm
     from vllm import LLM
-    from vllm.inputs import TokensPrompt
 
     kwargs: dict[str, Any] = {"dtype": dtype, "seed": seed, **(llm_kwargs or {})}
     if max_model_len is not None:
@@ -280,14 +233,7 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
             batch = todo[start:start + batch_size]
             inputs, params, texts = [], [], []
             for it in batch:
-                if it.messages is not None:
-                    text = tokenizer.apply_chat_template(it.messages, tokenize=False,
-                                                         add_generation_prompt=True)
-                    # The template writes any special tokens (BOS) itself.
-                    inp: Any = TokensPrompt(prompt_token_ids=tokenizer.encode(
-                        text, add_special_tokens=False))
-                else:
-                    text = inp = it.prompt
+                text, inp = render_prompt(tokenizer, it)
                 texts.append(text)
                 s = seeds[it.id]
                 inputs += [inp, inp]
