@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from vllm_align.config import EXTRA_ARGS_KEY, AlignConfigError, AlignParams, finite_number
+from vllm_align.config import EXTRA_ARGS_KEY, AlignConfigError, AlignParams
 from vllm_align.data.metrics import mean_sem
 from vllm_align.data.prompts import DataError, read_prompts, render_prompt
 
@@ -65,17 +65,16 @@ def parse_grid(text: str | Sequence[float], flag: str) -> tuple[float, ...]:
     items = text.split(",") if isinstance(text, str) else list(text)
     values = []
     for item in items:
-        if isinstance(item, str):
-            item = item.strip()
-            try:
-                item = float(item)
-            except ValueError:
-                raise DataError(f"{flag}: {item!r} is not a number; expected a comma-separated "
-                                f"list such as 0,0.5,1,2") from None
         try:
-            values.append(finite_number(item, flag.lstrip("-")))
-        except AlignConfigError as e:
-            raise DataError(f"{flag}: {e}") from None
+            if isinstance(item, bool):
+                raise TypeError
+            value = float(item.strip() if isinstance(item, str) else item)
+        except (TypeError, ValueError):
+            raise DataError(f"{flag}: {item!r} is not a number; expected a comma-separated "
+                            f"list such as 0,0.5,1,2") from None
+        if not math.isfinite(value):
+            raise DataError(f"{flag}: {item!r} is not a finite number")
+        values.append(value)
     if len(set(values)) != len(values):
         dup = next(v for v in values if values.count(v) > 1)
         raise DataError(f"{flag}: {dup:g} is given twice")
