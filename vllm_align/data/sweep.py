@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 from vllm_align.config import EXTRA_ARGS_KEY, AlignConfigError, AlignParams
 from vllm_align.data.metrics import mean_sem
-from vllm_align.data.prompts import DataError, read_prompts, render_prompt
+from vllm_align.data.prompts import DataError, PromptItem, read_prompts, render_prompt
 
 CSV_FIELDS = ("method", "parameter", "n", "mean", "stderr")
 
@@ -226,19 +226,78 @@ def _write_responses(out_dir: Path, grid: Sequence[GridPoint], items, prompts: S
                                     "parameter": point.parameter}, ensure_ascii=False) + "\n")
 
 
-def run_sweep(cfg: SweepConfig) -> list[SweepRow]:
-    """Generate, score, write the CSV / PNG (/ responses); return the rows."""
-    from vllm_align.data.rewards import check_reward, load_reward
+def load_inputs(cfg: SweepConfig) -> list[PromptItem]:
+    """Check the reward spec and read the prompts: everything that can fail
+    before the engine's start-up."""
+    from vllm_align.data.rewards import check_reward
 
-    # Fail on a bad reward or prompt file before the engine's start-up.
     check_reward(cfg.reward)
     items = read_prompts(cfg.prompts)
     if not items:
         raise DataError(f"{cfg.prompts} holds no prompts")
+    return items
 
-    from vllm import LLM, SamplingParams
+
+@dataclass(frozen=True)
+class Generations:
+    """Engine output laid out ``[grid point][prompt]``."""
+
+    prompts: list[str]       # per prompt, the text the model saw (chat-rendered)
+    responses: list[str]     # len(grid) * len(prompts)
+    tokens: int
+    seconds: float
+
+
+def generate_grid(llm, cfg: SweepConfig, items: Sequence[PromptItem]) -> Generations:
+    """Every (grid point, prompt) request in ONE ``llm.generate`` call.
+
+    ``llm`` is a ``vllm.LLM`` on ``cfg.model`` with ``cfg.reference_model`` as
+    its reference (``run_sweep`` makes one; the demo passes its own).
+    """
+    from vllm import SamplingParams
+
+    rendered = [render_prompt(llm.get_tokenizer(), it) for it in items]
+    inputs, params = [], []
+    for point in cfg.grid:
+        for it, (_, inp) in zip(items, rendered):
+            inputs.append(inp)
+            params.append(SamplingParams(
+                max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                # A per-request seed only matters when sampling.
+                seed=cfg.seed + it.index if cfg.temperature > 0 else None,
+                extra_args={EXTRA_ARGS_KEY: point.spec}))
+    t0 = time.perf_counter()
+    outputs = llm.generate(inputs, params, use_tqdm=cfg.progress)
+    seconds = time.perf_counter() - t0
+    return Generations(prompts=[text for text, _ in rendered],
+                       responses=[o.outputs[0].text for o in outputs],
+                       tokens=sum(len(o.outputs[0].token_ids) for o in outputs),
+                       seconds=seconds)
+
+
+def score_and_write(cfg: SweepConfig, items: Sequence[PromptItem], gen: Generations
+                    ) -> list[SweepRow]:
+    """Score every response, write the CSV, the PNG (and the responses); return the rows."""
+    from vllm_align.data.rewards import load_reward
 
     grid = cfg.grid
+    reward = load_reward(cfg.reward, batch_size=cfg.reward_batch_size)
+    scores = reward(gen.prompts * len(grid), gen.responses)
+    rows = summarize(grid, scores, len(items))
+    write_csv(rows, cfg.output)
+    plot_sweep(rows, cfg.plot, title=f"{Path(cfg.model).name} vs {Path(cfg.reference_model).name}"
+               f", reward {cfg.reward}")
+    if cfg.responses_dir:
+        _write_responses(Path(cfg.responses_dir), grid, items, gen.prompts, gen.responses,
+                         scores)
+    return rows
+
+
+def run_sweep(cfg: SweepConfig) -> list[SweepRow]:
+    """Start the engine, generate the grid, free the engine, score and write; return the rows."""
+    items = load_inputs(cfg)
+    from vllm import LLM
+
     kwargs: dict[str, Any] = {"dtype": cfg.dtype, "seed": cfg.seed,
                               "additional_config": {"align": {
                                   "reference_model": cfg.reference_model}},
@@ -247,38 +306,15 @@ def run_sweep(cfg: SweepConfig) -> list[SweepRow]:
         kwargs["max_model_len"] = cfg.max_model_len
     llm = LLM(model=cfg.model, **kwargs)
     try:
-        rendered = [render_prompt(llm.get_tokenizer(), it) for it in items]
-        inputs, params = [], []
-        for point in grid:
-            for it, (_, inp) in zip(items, rendered):
-                inputs.append(inp)
-                params.append(SamplingParams(
-                    max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                    # A per-request seed only matters when sampling.
-                    seed=cfg.seed + it.index if cfg.temperature > 0 else None,
-                    extra_args={EXTRA_ARGS_KEY: point.spec}))
-        t0 = time.perf_counter()
-        outputs = llm.generate(inputs, params, use_tqdm=cfg.progress)
-        seconds = time.perf_counter() - t0
+        gen = generate_grid(llm, cfg, items)
     finally:
+        # The reward model loads only after the engine's memory is given back.
         del llm
         gc.collect()
-    responses = [o.outputs[0].text for o in outputs]
-    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    print(f"generated {len(outputs)} responses ({len(grid)} grid points x {len(items)} prompts, "
-          f"{tokens} tokens) in {seconds:.1f}s, {tokens / max(seconds, 1e-9):.1f} tok/s",
-          file=sys.stderr)
-
-    prompts = [text for text, _ in rendered]
-    reward = load_reward(cfg.reward, batch_size=cfg.reward_batch_size)
-    scores = reward(prompts * len(grid), responses)
-    rows = summarize(grid, scores, len(items))
-    write_csv(rows, cfg.output)
-    plot_sweep(rows, cfg.plot, title=f"{Path(cfg.model).name} vs {Path(cfg.reference_model).name}"
-               f", reward {cfg.reward}")
-    if cfg.responses_dir:
-        _write_responses(Path(cfg.responses_dir), grid, items, prompts, responses, scores)
-    return rows
+    print(f"generated {len(gen.responses)} responses ({len(cfg.grid)} grid points x "
+          f"{len(items)} prompts, {gen.tokens} tokens) in {gen.seconds:.1f}s, "
+          f"{gen.tokens / max(gen.seconds, 1e-9):.1f} tok/s", file=sys.stderr)
+    return score_and_write(cfg, items, gen)
 
 
 def format_rows(rows: Sequence[SweepRow]) -> str:
