@@ -179,12 +179,23 @@ def _check_compatible(done: Mapping[Any, dict], expected: Mapping[str, Any],
                              f"use another --output or the same --seed")
 
 
+@dataclass(frozen=True)
+class PairsResult:
+    """What one run did: pairs written, tokens generated (both sides) and the seconds
+    from the engine being ready to the last record synced (start-up excluded)."""
+
+    written: int
+    tokens: int
+    seconds: float
+
+
 def generate_pairs(*, model: str, reference_model: str | None, prompts: str, output: str,
                    chosen: Any = DEFAULT_CHOSEN, rejected: Any = DEFAULT_REJECTED,
                    max_tokens: int = 256, seed: int = 0, batch_size: int = 64,
                    dtype: str = "auto", max_model_len: int | None = None,
-                   progress: bool = True, llm_kwargs: Mapping[str, Any] | None = None) -> int:
-    """Write one pair per prompt to ``output`` (resuming it); returns pairs written now."""
+                   progress: bool = True, llm_kwargs: Mapping[str, Any] | None = None
+                   ) -> PairsResult:
+    """Write one pair per prompt to ``output`` (resuming it); returns what this run did."""
     if max_tokens < 1:
         raise PairsError(f"--max-tokens must be >= 1, got {max_tokens}")
     if batch_size < 1:
@@ -205,7 +216,7 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
     n_done = len(items) - len(todo)
     if not todo:
         print(f"all {len(items)} prompts already have pairs in {output}", file=sys.stderr)
-        return 0
+        return PairsResult(written=0, tokens=0, seconds=0.0)
 
     from tqdm import tqdm
     from vllm import LLM
@@ -259,4 +270,4 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
         del llm
     print(f"wrote {written} pairs to {output} ({n_done} already there; "
           f"{written / elapsed:.2f} prompts/s, {n_tokens / elapsed:.1f} tok/s)", file=sys.stderr)
-    return written
+    return PairsResult(written=written, tokens=n_tokens, seconds=elapsed)
