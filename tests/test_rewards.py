@@ -69,6 +69,7 @@ def test_hf_model_with_several_labels_is_refused(tmp_path, reward_model):
 def test_callable_from_module_and_file(tmp_path):
     scorer = load_reward("vllm_align.toy.world:polite_pair_reward")
     assert scorer(["p", "q"], ["Thank you.", "The dog."]) == [0.5, 0.0]
+    assert load_reward(lambda p, r: len(p) - len(r))(["abc"], ["a"]) == [2.0]
 
     f = tmp_path / "my_reward.py"
     f.write_text("def words(prompt, response):\n    return len(response.split())\n"

@@ -65,7 +65,10 @@ def _check_pairs(prompts: Sequence[str], responses: Sequence[str]) -> None:
 class CallableReward:
     """A Python ``reward(prompt, response) -> float`` applied pair by pair."""
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str | Callable[[str, str], float]):
+        if callable(spec):
+            self.spec, self.fn = getattr(spec, "__qualname__", repr(spec)), spec
+            return
         self.spec = spec
         target, _, name = spec.rpartition(":")
         if not target or not name.isidentifier():
@@ -206,19 +209,21 @@ class HFReward:
         return f"HFReward({self.spec!r})"
 
 
-def load_reward(spec: str, *, batch_size: int = 16, device: str | None = None,
+def load_reward(spec: str | Callable[[str, str], float], *, batch_size: int = 16, device: str | None = None,
                 dtype: str = "float32", max_length: int | None = None) -> RewardFn:
     """A batched scorer ``(prompts, responses) -> list[float]`` for ``spec``.
 
     Args:
-        spec: ``module:function``, ``path/to/file.py:function`` (a Python
-            ``reward(prompt, response) -> float``) or a sequence-classification
-            checkpoint path / hub name (single-score head).
+        spec: ``module:function``, ``path/to/file.py:function`` or the function
+            itself (a Python ``reward(prompt, response) -> float``), or a
+            sequence-classification checkpoint path / hub name (single-score head).
         batch_size, device, dtype, max_length: for checkpoints only; ``device``
             defaults to CUDA when available, else CPU.
     Raises:
         RewardError: naming the spec and what is wrong with it.
     """
+    if callable(spec):
+        return CallableReward(spec)
     if not isinstance(spec, str) or not spec.strip():
         raise RewardError(f"reward spec must be a non-empty string, got {spec!r}")
     if is_callable_spec(spec):
