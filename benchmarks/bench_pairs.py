@@ -56,8 +56,7 @@ def load_avg() -> float:
 
 def bench_bare(aligned: str, reference: str, prompts: Path, tokens: int, dtype: str,
                seed: int) -> dict:
-    from vllm import LLM
-
+    from vllm_align.data.engine import build_llm
     from vllm_align.data.pairs import (CHOSEN_SAMPLING, DEFAULT_CHOSEN, DEFAULT_REJECTED,
                                        REJECTED_SAMPLING, parse_side)
     from vllm_align.data.prompts import read_prompts
@@ -65,8 +64,9 @@ def bench_bare(aligned: str, reference: str, prompts: Path, tokens: int, dtype: 
     chosen = parse_side(DEFAULT_CHOSEN, side="chosen", defaults=CHOSEN_SAMPLING)
     rejected = parse_side(DEFAULT_REJECTED, side="rejected", defaults=REJECTED_SAMPLING)
     items = read_prompts(prompts)
-    llm = LLM(model=aligned, dtype=dtype, seed=seed, max_model_len=MAX_MODEL_LEN,
-              additional_config={"align": {"reference_model": reference}})
+    # generate-pairs' own engine settings (build_llm), so only the driving loop differs.
+    llm = build_llm(aligned, reference, dtype=dtype, seed=seed, max_model_len=MAX_MODEL_LEN,
+                    seeded_sampling=True)
     try:
         inputs, params = [], []
         for it in items:

@@ -157,3 +157,42 @@ def test_bad_prompt_file_is_refused_before_the_engine(tmp_path, capsys):
             "--reward", REWARD, "--output", str(tmp_path / "s.csv"), "--lambdas", "0,1"]
     assert main(argv) == 2
     assert f"{prompts}:2: needs 'prompt'" in capsys.readouterr().err
+
+
+# -- sampling with per-prompt seeds, long prompts ---------------------------
+
+def test_sampled_sweep_with_long_prompts(tiny_pair, tmp_path):
+    """Temperature 1, prompt i seeded seed + i, a file.py:function reward.
+
+    24 prompts of ~250 tokens x 2 grid points exceed a step's 4096-token budget,
+    so on a chunked-prefill engine some seeded request is prefilled in pieces,
+    which kills vLLM 0.32's CPU engine ("CPU Generator does not use offset");
+    the data tools prefill whole prompts on CPU when they sample with seeds.
+    """
+    aligned, reference = tiny_pair
+    prompts = tmp_path / "p.jsonl"
+    # Distinct from the first token on: no prefix-cache hits shrink the prefills.
+    prompts.write_text("".join(
+        json.dumps({"prompt": f"number {i}: "
+                    + " ".join(["the small house was near the old river"] * 28)}) + "\n"
+        for i in range(24)))
+    scorer = tmp_path / "score.py"
+    scorer.write_text("def chars(prompt, response):\n    return float(len(response))\n")
+    out = tmp_path / "out"
+    argv = ["sweep", "--model", aligned, "--reference-model", reference,
+            "--prompts", str(prompts), "--reward", f"{scorer}:chars",
+            "--output", str(out / "s.csv"), "--lambdas", "0,1", "--temperature", "1",
+            "--seed", "5", "--max-tokens", "8", "--responses-dir", str(out / "resp"),
+            "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--no-progress"]
+    assert main(argv) == 0
+    rows = _rows(out)
+    assert [(r["method"], float(r["parameter"]), int(r["n"])) for r in rows] == \
+        [("dera", 0.0, 24), ("dera", 1.0, 24)]
+    texts = {}
+    for row, name in zip(rows, ("dera_lambda=0.jsonl", "dera_lambda=1.jsonl")):
+        recs = [json.loads(line) for line in (out / "resp" / name).read_text().splitlines()]
+        texts[name] = [r["response"] for r in recs]
+        assert float(row["mean"]) == pytest.approx(
+            statistics.mean(len(t) for t in texts[name]), rel=1e-12)
+    # Two different models sampled with the same seeds: different text.
+    assert texts["dera_lambda=0.jsonl"] != texts["dera_lambda=1.jsonl"]

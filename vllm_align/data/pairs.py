@@ -219,14 +219,12 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
         return PairsResult(written=0, tokens=0, seconds=0.0)
 
     from tqdm import tqdm
-    from vllm import LLM
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "seed": seed, **(llm_kwargs or {})}
-    if max_model_len is not None:
-        kwargs["max_model_len"] = max_model_len
-    if reference_model:
-        kwargs["additional_config"] = {"align": {"reference_model": reference_model}}
-    llm = LLM(model=model, **kwargs)
+    from vllm_align.data.engine import build_llm
+
+    llm = build_llm(model, reference_model, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                    seeded_sampling=chosen_spec.temperature > 0 or rejected_spec.temperature > 0,
+                    llm_kwargs=llm_kwargs)
     tokenizer = llm.get_tokenizer()
 
     written = 0

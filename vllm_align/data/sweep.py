@@ -296,15 +296,11 @@ def score_and_write(cfg: SweepConfig, items: Sequence[PromptItem], gen: Generati
 def run_sweep(cfg: SweepConfig) -> list[SweepRow]:
     """Start the engine, generate the grid, free the engine, score and write; return the rows."""
     items = load_inputs(cfg)
-    from vllm import LLM
+    from vllm_align.data.engine import build_llm
 
-    kwargs: dict[str, Any] = {"dtype": cfg.dtype, "seed": cfg.seed,
-                              "additional_config": {"align": {
-                                  "reference_model": cfg.reference_model}},
-                              **cfg.llm_kwargs}
-    if cfg.max_model_len is not None:
-        kwargs["max_model_len"] = cfg.max_model_len
-    llm = LLM(model=cfg.model, **kwargs)
+    llm = build_llm(cfg.model, cfg.reference_model, dtype=cfg.dtype, seed=cfg.seed,
+                    max_model_len=cfg.max_model_len, seeded_sampling=cfg.temperature > 0,
+                    llm_kwargs=cfg.llm_kwargs)
     try:
         gen = generate_grid(llm, cfg, items)
     finally:
