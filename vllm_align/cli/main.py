@@ -73,12 +73,25 @@ def _generate_pairs_args(p: argparse.ArgumentParser) -> None:
                    "'top_p' (default: the aligned model, nucleus p 0.9, temperature 1)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed + i")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per engine call")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="records per append + fsync (the engine is kept full regardless)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="the engine's running batch (vLLM's --max-num-seqs; default: vLLM's)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="skip graph compilation (faster start, slower decoding)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    """vLLM engine options given on the command line (only those set)."""
+    kwargs: dict = {}
+    if args.enforce_eager:
+        kwargs["enforce_eager"] = True
+    if args.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = args.max_num_seqs
+    return kwargs
 
 
 @command("generate-pairs", "generate preference pairs (TRL DPO JSONL) with two decoding rules",
@@ -93,7 +106,7 @@ def generate_pairs(args: argparse.Namespace) -> int:
                   rejected=args.rejected, max_tokens=args.max_tokens, seed=args.seed,
                   batch_size=args.batch_size, dtype=args.dtype,
                   max_model_len=args.max_model_len, progress=not args.no_progress,
-                  llm_kwargs={"enforce_eager": True} if args.enforce_eager else None)
+                  llm_kwargs=_engine_kwargs(args))
     except (DataError, OSError) as e:
         print(f"vllm-align generate-pairs: error: {e}", file=sys.stderr)
         return 2
@@ -133,6 +146,8 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--reward-batch-size", type=int, default=16,
                    help="texts per reward-model forward")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="the engine's running batch (vLLM's --max-num-seqs; default: vLLM's)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="skip graph compilation (faster start, slower decoding)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -152,7 +167,7 @@ def sweep(args: argparse.Namespace) -> int:
             temperature=args.temperature, top_p=args.top_p, seed=args.seed, dtype=args.dtype,
             max_model_len=args.max_model_len, reward_batch_size=args.reward_batch_size,
             progress=not args.no_progress,
-            llm_kwargs={"enforce_eager": True} if args.enforce_eager else {})
+            llm_kwargs=_engine_kwargs(args))
         rows = run_sweep(cfg)
     except (DataError, OSError) as e:
         print(f"vllm-align sweep: error: {e}", file=sys.stderr)
