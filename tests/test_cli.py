@@ -24,4 +24,6 @@ def test_help_lists_commands(capsys):
     with pytest.raises(SystemExit) as err:
         main(["--help"])
     assert err.value.code == 0
-    assert "toy-models" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for name in ("toy-models", "demo", "generate-pairs", "sweep", "eval"):
+        assert name in out

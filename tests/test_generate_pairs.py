@@ -140,7 +140,10 @@ def test_sigkill_mid_run_then_resume_gives_one_record_per_prompt(run, tmp_path):
     out = tmp_path / "killed.jsonl"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO), os.environ.get("PYTHONPATH", "")]), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    argv = _argv(pair, prompts, out, batch_size=2)
+    # 4 sequences at a time: the records come out over many engine steps, so the
+    # kill lands while they are being written (the engine would otherwise run
+    # all 96 requests at once and finish them together).
+    argv = _argv(pair, prompts, out, batch_size=2) + ["--max-num-seqs", "4"]
     with open(tmp_path / "child.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "vllm_align.cli.main", *argv],
                                 env=env, stdout=log, stderr=subprocess.STDOUT,

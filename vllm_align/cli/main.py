@@ -73,18 +73,32 @@ def _generate_pairs_args(p: argparse.ArgumentParser) -> None:
                    "'top_p' (default: the aligned model, nucleus p 0.9, temperature 1)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed + i")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per engine call")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="records per append + fsync (the engine is kept full regardless)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="the engine's running batch (vLLM's --max-num-seqs; default: vLLM's)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="skip graph compilation (faster start, slower decoding)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    """vLLM engine options given on the command line (only those set)."""
+    kwargs: dict = {}
+    if args.enforce_eager:
+        kwargs["enforce_eager"] = True
+    if args.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = args.max_num_seqs
+    return kwargs
+
+
 @command("generate-pairs", "generate preference pairs (TRL DPO JSONL) with two decoding rules",
          args=_generate_pairs_args)
 def generate_pairs(args: argparse.Namespace) -> int:
-    from vllm_align.data.pairs import PairsError, generate_pairs as run_pairs
+    from vllm_align.data.pairs import generate_pairs as run_pairs
+    from vllm_align.data.prompts import DataError
 
     try:
         run_pairs(model=args.model, reference_model=args.reference_model,
@@ -92,8 +106,8 @@ def generate_pairs(args: argparse.Namespace) -> int:
                   rejected=args.rejected, max_tokens=args.max_tokens, seed=args.seed,
                   batch_size=args.batch_size, dtype=args.dtype,
                   max_model_len=args.max_model_len, progress=not args.no_progress,
-                  llm_kwargs={"enforce_eager": True} if args.enforce_eager else None)
-    except (PairsError, OSError) as e:
+                  llm_kwargs=_engine_kwargs(args))
+    except (DataError, OSError) as e:
         print(f"vllm-align generate-pairs: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -193,6 +207,103 @@ def train_mara(args: argparse.Namespace) -> int:
         return 2
     print(f"agent: {result.agent_path}  ({result.episodes} episodes, {result.updates} updates, "
           f"{result.elapsed_s:.0f} s; metrics: {result.metrics_csv})")
+    return 0
+
+
+_REWARD_HELP = ("a sequence-classification checkpoint (path or hub name, one output; the "
+                "score of prompt+response) or a Python 'module:function' / "
+                "'path/to/file.py:function' with signature f(prompt, response) -> float")
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="the aligned (e.g. DPO) model")
+    p.add_argument("--reference-model", required=True, help="the reference (e.g. SFT) model")
+    p.add_argument("--prompts", required=True, metavar="IN.jsonl",
+                   help="one JSON object per line with 'prompt' or chat 'messages' "
+                   "(optional 'id')")
+    p.add_argument("--reward", required=True, metavar="SPEC", help="the reward: " + _REWARD_HELP)
+    p.add_argument("--output", required=True, metavar="OUT.csv",
+                   help="CSV: method,parameter,n,mean,stderr per grid point")
+    p.add_argument("--plot", default=None, metavar="OUT.png",
+                   help="reward-vs-lambda plot (default: --output with .png)")
+    p.add_argument("--lambdas", default=(), metavar="L1,L2,...",
+                   help="DeRa lambda values, e.g. 0,0.5,1,2 (0 = reference, 1 = aligned)")
+    p.add_argument("--alphas", default=(), metavar="A1,A2,...",
+                   help="AAD alpha values in (0, 1], e.g. 0.1")
+    p.add_argument("--responses-dir", default=None, metavar="DIR",
+                   help="also write one JSONL of responses and rewards per grid point "
+                   "(the format `vllm-align eval` reads)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (the papers' setting)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="when sampling, prompt i uses seed + i at every grid point")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--reward-batch-size", type=int, default=16,
+                   help="texts per reward-model forward")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="the engine's running batch (vLLM's --max-num-seqs; default: vLLM's)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="skip graph compilation (faster start, slower decoding)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("sweep", "mean reward over a grid of DeRa lambdas / AAD alphas (one engine run): "
+         "CSV + PNG", args=_sweep_args)
+def sweep(args: argparse.Namespace) -> int:
+    from vllm_align.data.prompts import DataError
+    from vllm_align.data.sweep import SweepConfig, format_rows, run_sweep
+
+    try:
+        cfg = SweepConfig(
+            model=args.model, reference_model=args.reference_model, prompts=args.prompts,
+            reward=args.reward, output=args.output, plot=args.plot, lambdas=args.lambdas,
+            alphas=args.alphas, responses_dir=args.responses_dir, max_tokens=args.max_tokens,
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed, dtype=args.dtype,
+            max_model_len=args.max_model_len, reward_batch_size=args.reward_batch_size,
+            progress=not args.no_progress,
+            llm_kwargs=_engine_kwargs(args))
+        rows = run_sweep(cfg)
+    except (DataError, OSError) as e:
+        print(f"vllm-align sweep: error: {e}", file=sys.stderr)
+        return 2
+    print(format_rows(rows))
+    print(f"\nCSV: {cfg.output}\nplot: {cfg.plot}"
+          + (f"\nresponses: {cfg.responses_dir}" if cfg.responses_dir else ""))
+    return 0
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", metavar="A.jsonl", help="responses of system A (the one rated)")
+    p.add_argument("b", metavar="B.jsonl", help="responses of system B (the baseline)")
+    p.add_argument("--reward", required=True, metavar="SPEC",
+                   help="higher is better: " + _REWARD_HELP)
+    p.add_argument("--cost", default=None, metavar="SPEC",
+                   help="lower is better (same forms as --reward); enables the preference rate")
+    p.add_argument("--a-field", default="response", help="A's response field (default: response)")
+    p.add_argument("--b-field", default="response", help="B's response field (default: response)")
+    p.add_argument("--json", default=None, metavar="OUT.json", dest="json_out",
+                   help="also write the report as JSON")
+    p.add_argument("--batch-size", type=int, default=16, help="texts per reward-model forward")
+
+
+@command("eval", "compare two response files: win rate (AAD) and preference rate (MARA)",
+         args=_eval_args)
+def evaluate(args: argparse.Namespace) -> int:
+    from vllm_align.data.evaluate import EvalConfig, format_report, run_eval
+    from vllm_align.data.prompts import DataError
+
+    try:
+        cfg = EvalConfig(a=args.a, b=args.b, reward=args.reward, cost=args.cost,
+                         a_field=args.a_field, b_field=args.b_field, json_out=args.json_out,
+                         batch_size=args.batch_size)
+        report = run_eval(cfg)
+    except (DataError, OSError) as e:
+        print(f"vllm-align eval: error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
     return 0
 
 

@@ -4,12 +4,19 @@ Prompts in (JSONL, one object per line with ``prompt`` or chat ``messages``),
 pairs out in TRL's DPO format (JSONL: ``prompt``, ``chosen``, ``rejected``, plus
 metadata). Each side is decoded by its own rule; by default, as in the AAD
 paper's iterative DPO, ``chosen`` is AAD (alpha 0.1, greedy) and ``rejected`` is
-nucleus sampling (p 0.9, temperature 1) of the aligned model. Both sides of
-every prompt go through the same ``LLM.generate`` call.
+nucleus sampling (p 0.9, temperature 1) of the aligned model.
+
+Both sides of every prompt go to one engine, which is kept full: requests are
+fed to vLLM's ``LLMEngine`` (``add_request``/``step``, the loop inside
+``LLM.generate``) with a bounded number of prompts unfinished, and a prompt
+whose two sides have finished is replaced at once. Batches of records are only
+the unit of writing, so the engine never drains waiting for a batch's longest
+sequence (measured in benchmarks/RESULTS.md against one bare ``LLM.generate``).
 
 The output is crash-safe and resumable:
 
-* records are appended one batch at a time, then flushed and ``fsync``-ed;
+* records are appended in input order, ``batch_size`` at a time (the rest at
+  the end), then ``fsync``-ed;
 * on start, the existing output is read back; only complete (newline-ended),
   valid JSON records are kept, the first one per id; if anything else was
   there (a line torn by a kill, say), the file is rewritten atomically without
@@ -22,16 +29,19 @@ The output is crash-safe and resumable:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from vllm_align.config import (EXTRA_ARGS_KEY, AlignConfigError, AlignParams,
                                finite_number, json_object)
+from vllm_align.data.prompts import DataError, PromptItem, read_prompts, render_prompt
 
 DEFAULT_CHOSEN = {"method": "aad", "alpha": 0.1}
 DEFAULT_REJECTED = {"method": "none"}
@@ -41,7 +51,7 @@ REJECTED_SAMPLING = {"temperature": 1.0, "top_p": 0.9}
 _SAMPLING_KEYS = ("temperature", "top_p")
 
 
-class PairsError(ValueError):
+class PairsError(DataError):
     """Bad input, flags or output file for generate-pairs."""
 
 
@@ -99,53 +109,6 @@ def parse_side(spec: Any, *, side: str, defaults: Mapping[str, float]) -> SideSp
     except AlignConfigError as e:
         raise PairsError(f"--{side}: {e}") from None
     return SideSpec(align, temperature=sampling["temperature"], top_p=sampling["top_p"])
-
-
-@dataclass
-class PromptItem:
-    index: int          # position in the input: the per-prompt seed is seed + index
-    id: str | int
-    prompt: str | None = None
-    messages: list | None = None
-
-
-def read_prompts(path: str | os.PathLike) -> list[PromptItem]:
-    """Read and validate the prompt JSONL (blank lines are skipped)."""
-    items: list[PromptItem] = []
-    seen: set = set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PairsError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(obj, dict):
-                raise PairsError(f"{where}: expected a JSON object, got {obj!r:.80}")
-            index = len(items)
-            pid = obj.get("id", index)
-            if isinstance(pid, bool) or not isinstance(pid, (str, int)):
-                raise PairsError(f"{where}: 'id' must be a string or an integer, got {pid!r}")
-            if pid in seen:
-                raise PairsError(f"{where}: duplicate id {pid!r}")
-            seen.add(pid)
-            if "prompt" in obj:
-                if not isinstance(obj["prompt"], str):
-                    raise PairsError(f"{where}: 'prompt' must be a string, got {obj['prompt']!r:.80}")
-                items.append(PromptItem(index, pid, prompt=obj["prompt"]))
-            elif "messages" in obj:
-                msgs = obj["messages"]
-                if not isinstance(msgs, list) or not msgs or not all(
-                        isinstance(m, dict) and isinstance(m.get("role"), str)
-                        and isinstance(m.get("content"), str) for m in msgs):
-                    raise PairsError(f"{where}: 'messages' must be a non-empty list of "
-                                     f"{{role, content}} strings, got {msgs!r:.80}")
-                items.append(PromptItem(index, pid, messages=msgs))
-            else:
-                raise PairsError(f"{where}: needs 'prompt' (string) or 'messages' (chat list)")
-    return items
 
 
 def _fsync_dir(path: Path) -> None:
@@ -225,12 +188,77 @@ def _check_compatible(done: Mapping[Any, dict], expected: Mapping[str, Any],
                              f"use another --output or the same --seed")
 
 
+def _finished_pairs(llm, todo: Sequence[PromptItem], chosen: SideSpec, rejected: SideSpec,
+                    max_tokens: int, seeds: Mapping[Any, int], window: int
+                    ) -> Iterator[tuple[int, str, Any, Any]]:
+    """Yield ``(j, prompt text, chosen output, rejected output)`` for ``todo[j]`` as soon
+    as both of its sides have finished (completion order).
+
+    At most ``window`` prompts are unfinished in the engine at any time; each
+    finished prompt is replaced by the next one at once. If the consumer stops
+    early (an error, Ctrl-C), the prompts still in the engine are aborted, so a
+    caller's engine is left with nothing of ours in it.
+    """
+    from vllm.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    tokenizer = llm.get_tokenizer()
+    tag = f"pairs-{uuid.uuid4().hex[:8]}"       # our request ids: tag-j-side
+    texts: dict[int, str] = {}
+    sides: dict[int, list] = {}                 # j -> [chosen output, rejected output]
+    nxt = 0
+    try:
+        while True:
+            while nxt < len(todo) and len(sides) < window:
+                text, inp = render_prompt(tokenizer, todo[nxt])
+                prompt = {"prompt": inp} if isinstance(inp, str) else dict(inp)
+                # Rendered by the engine's renderer, as LLM.generate does (raw prompts
+                # to add_request are deprecated in vLLM 0.32); one input per request.
+                inputs = engine.renderer.render_cmpl([prompt, dict(prompt)])
+                for side, (spec, inp_side) in enumerate(zip((chosen, rejected), inputs)):
+                    params = spec.sampling_params(max_tokens, seeds[todo[nxt].id])
+                    params.output_kind = RequestOutputKind.FINAL_ONLY   # one output, at the end
+                    engine.add_request(f"{tag}-{nxt}-{side}", inp_side, params)
+                texts[nxt], sides[nxt] = text, [None, None]
+                nxt += 1
+            if not sides:
+                return
+            for out in engine.step():
+                if not out.finished:
+                    continue
+                j, side = map(int, out.request_id.rsplit("-", 2)[1:])
+                sides[j][side] = out.outputs[0]
+                if None not in sides[j]:
+                    c, r = sides.pop(j)
+                    yield j, texts.pop(j), c, r
+    finally:
+        if sides:
+            engine.abort_request([f"{tag}-{j}-{side}" for j, got in sides.items()
+                                  for side in (0, 1) if got[side] is None])
+
+
+@dataclass(frozen=True)
+class PairsResult:
+    """What one run did: pairs written, tokens generated (both sides) and the seconds
+    from the engine being ready to the last record synced (start-up excluded)."""
+
+    written: int
+    tokens: int
+    seconds: float
+
+
 def generate_pairs(*, model: str, reference_model: str | None, prompts: str, output: str,
                    chosen: Any = DEFAULT_CHOSEN, rejected: Any = DEFAULT_REJECTED,
                    max_tokens: int = 256, seed: int = 0, batch_size: int = 64,
                    dtype: str = "auto", max_model_len: int | None = None,
-                   progress: bool = True, llm_kwargs: Mapping[str, Any] | None = None) -> int:
-    """Write one pair per prompt to ``output`` (resuming it); returns pairs written now."""
+                   progress: bool = True, llm_kwargs: Mapping[str, Any] | None = None,
+                   llm=None) -> PairsResult:
+    """Write one pair per prompt to ``output`` (resuming it); returns what this run did.
+
+    ``llm``: an existing ``vllm.LLM`` on ``model`` (with ``reference_model`` as
+    its reference) to use instead of starting one; ``dtype``, ``max_model_len``
+    and ``llm_kwargs`` are then ignored, and the caller keeps the engine.
+    """
     if max_tokens < 1:
         raise PairsError(f"--max-tokens must be >= 1, got {max_tokens}")
     if batch_size < 1:
@@ -251,22 +279,25 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
     n_done = len(items) - len(todo)
     if not todo:
         print(f"all {len(items)} prompts already have pairs in {output}", file=sys.stderr)
-        return 0
+        return PairsResult(written=0, tokens=0, seconds=0.0)
 
     from tqdm import tqdm
-    from vllm import LLM
-    from vllm.inputs import TokensPrompt
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "seed": seed, **(llm_kwargs or {})}
-    if max_model_len is not None:
-        kwargs["max_model_len"] = max_model_len
-    if reference_model:
-        kwargs["additional_config"] = {"align": {"reference_model": reference_model}}
-    llm = LLM(model=model, **kwargs)
-    tokenizer = llm.get_tokenizer()
+    from vllm_align.data.engine import build_llm
 
+    own_llm = llm is None
+    if own_llm:
+        llm = build_llm(model, reference_model, dtype=dtype, seed=seed,
+                        max_model_len=max_model_len, llm_kwargs=llm_kwargs,
+                        seeded_sampling=chosen_spec.temperature > 0
+                        or rejected_spec.temperature > 0)
+
+    # Enough prompts in flight to refill every finished sequence's slot at once
+    # (2 requests per prompt: up to twice the engine's running batch).
+    window = max(batch_size, llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
     written = 0
     n_tokens = 0
+    ready: dict[int, str] = {}      # finished records not yet written, by position in todo
     t0 = time.perf_counter()
     out_path = Path(output)
     created = not out_path.exists()
@@ -275,42 +306,33 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
         _fsync_dir(out_path.parent.resolve())
     bar = tqdm(total=len(items), initial=n_done, unit="prompt", desc="pairs",
                dynamic_ncols=True, disable=not progress)
+    pairs = _finished_pairs(llm, todo, chosen_spec, rejected_spec, max_tokens, seeds, window)
     try:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            inputs, params, texts = [], [], []
-            for it in batch:
-                if it.messages is not None:
-                    text = tokenizer.apply_chat_template(it.messages, tokenize=False,
-                                                         add_generation_prompt=True)
-                    # The template writes any special tokens (BOS) itself.
-                    inp: Any = TokensPrompt(prompt_token_ids=tokenizer.encode(
-                        text, add_special_tokens=False))
-                else:
-                    text = inp = it.prompt
-                texts.append(text)
-                s = seeds[it.id]
-                inputs += [inp, inp]
-                params += [chosen_spec.sampling_params(max_tokens, s),
-                           rejected_spec.sampling_params(max_tokens, s)]
-            outs = llm.generate(inputs, params, use_tqdm=False)
-            lines = []
-            for j, it in enumerate(batch):
-                c, r = outs[2 * j].outputs[0], outs[2 * j + 1].outputs[0]
+        with contextlib.closing(pairs):
+            for j, text, c, r in pairs:
+                it = todo[j]
                 n_tokens += len(c.token_ids) + len(r.token_ids)
-                rec = {"id": it.id, "prompt": texts[j], "chosen": c.text, "rejected": r.text,
-                       **meta, "seed": seeds[it.id]}
-                lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
-            _append(fd, "".join(lines).encode("utf-8"))
-            written += len(batch)
-            elapsed = max(time.perf_counter() - t0, 1e-9)
-            bar.update(len(batch))
-            bar.set_postfix_str(f"{n_tokens / elapsed:.1f} tok/s")
+                ready[j] = json.dumps({"id": it.id, "prompt": text, "chosen": c.text,
+                                       "rejected": r.text, **meta, "seed": seeds[it.id]},
+                                      ensure_ascii=False) + "\n"
+                # Write in input order: the finished records that directly follow
+                # the written ones, once there are batch_size of them (all at the end).
+                run = 0
+                while written + run in ready:
+                    run += 1
+                if run >= batch_size or written + run == len(todo):
+                    _append(fd, "".join(ready.pop(written + k) for k in range(run))
+                            .encode("utf-8"))
+                    written += run
+                    bar.update(run)
+                    elapsed = max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix_str(f"{n_tokens / elapsed:.1f} tok/s")
         elapsed = time.perf_counter() - t0
     finally:
         bar.close()
         os.close(fd)
-        del llm
+        if own_llm:
+            del llm
     print(f"wrote {written} pairs to {output} ({n_done} already there; "
           f"{written / elapsed:.2f} prompts/s, {n_tokens / elapsed:.1f} tok/s)", file=sys.stderr)
-    return written
+    return PairsResult(written=written, tokens=n_tokens, seconds=elapsed)

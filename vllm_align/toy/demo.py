@@ -5,6 +5,10 @@
 2. Offline: one ``vllm.LLM`` on the DPO model with the SFT model as reference
    decodes every held-out prompt with every method in ONE mixed batch; prints a
    few prompts side by side and the mean reward per method.
+   On the same engine, a sweep (``vllm_align.data.sweep``, what ``vllm-align
+   sweep`` runs) over DeRa lambda and AAD alpha with the polite reward as a
+   Python callable; prints the table and writes the CSV and the reward-vs-lambda
+   PNG next to the world (``sweep/``).
 3. Served: starts ``vllm serve DPO --sampler align --reference-model SFT`` on
    loopback, sends the same few prompts with per-request
    ``extra_body={"alignment": ...}`` through the ``openai`` client (the
@@ -17,6 +21,7 @@ Run ``make demo``, ``python examples/demo.py`` or ``vllm-align demo``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -42,6 +47,10 @@ METHODS: dict[str, dict] = {
     "MARA (untrained)": {"method": "mara"},
 }
 SHOWN_PROMPTS = 3
+# The sweep (vllm-align sweep) run on the offline engine: the toy world's rule as a callable.
+SWEEP_REWARD = "vllm_align.toy.world:polite_pair_reward"
+SWEEP_LAMBDAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+SWEEP_ALPHAS = (0.1, 0.2)
 MAX_TOKENS = 96
 MAX_MODEL_LEN = 256
 SERVER_STARTUP_S = 300
@@ -89,11 +98,13 @@ def main(out_dir: str | os.PathLike | None = None, *, seed: int = 0,
 
 
 def _offline(world) -> dict[str, dict[str, str]]:
-    """Decode all held-out prompts with all methods in one batch; print; return shown texts."""
+    """Decode all held-out prompts with all methods in one batch, then a lambda/alpha sweep
+    on the same engine (CSV + PNG next to the world); print; return the shown texts."""
     import gc
 
     from vllm import LLM
 
+    from vllm_align.data.sweep import format_rows, generate_grid, score_and_write
     from vllm_align.toy.world import generate_by_method
 
     _heading("Offline: one LLM engine, every method in one batch")
@@ -107,6 +118,9 @@ def _offline(world) -> dict[str, dict[str, str]]:
         t0 = time.monotonic()
         outputs = generate_by_method(llm, prompt_ids, METHODS, max_tokens=MAX_TOKENS)
         seconds = time.monotonic() - t0
+        # The sweep reuses this engine: its start-up is most of the demo's time.
+        sweep_cfg, sweep_items = _sweep_config(world)
+        sweep_gen = generate_grid(llm, sweep_cfg, sweep_items)
     finally:
         del llm
         gc.collect()
@@ -126,6 +140,18 @@ def _offline(world) -> dict[str, dict[str, str]]:
         rewards = [world.reward(t) for t in texts[name]]
         stderr = statistics.stdev(rewards) / len(rewards) ** 0.5
         print(f"  {name:<18} {statistics.mean(rewards):7.4f} {stderr:7.4f}")
+
+    _heading("Sweep: reward vs DeRa lambda and AAD alpha (vllm-align sweep)")
+    print(f"  $ vllm-align sweep --model {world.dpo_path} --reference-model {world.sft_path} \\\n"
+          f"      --prompts {sweep_cfg.prompts} --reward {SWEEP_REWARD} \\\n"
+          f"      --lambdas {','.join(f'{v:g}' for v in SWEEP_LAMBDAS)} "
+          f"--alphas {','.join(f'{v:g}' for v in SWEEP_ALPHAS)} "
+          f"--max-tokens {MAX_TOKENS} --output {sweep_cfg.output}")
+    print(f"  (run here on the engine above: {len(sweep_gen.responses)} sequences, "
+          f"{sweep_gen.tokens} tokens in {sweep_gen.seconds:.1f}s)\n")
+    rows = score_and_write(sweep_cfg, sweep_items, sweep_gen)
+    print(textwrap.indent(format_rows(rows), "  "))
+    print(f"\n  CSV:  {sweep_cfg.output}\n  plot: {sweep_cfg.plot}")
     return shown
 
 
@@ -140,6 +166,24 @@ def _untrained_agent(world) -> str:
         hidden = AutoConfig.from_pretrained(world.dpo_path).hidden_size
         save_agent(random_agent(hidden, seed=0), path)
     return str(path)
+
+
+def _sweep_config(world):
+    """The demo's sweep: the held-out prompts as chat records, the rule reward as a callable."""
+    from vllm_align.data.prompts import read_prompts
+    from vllm_align.data.sweep import SweepConfig
+    from vllm_align.toy.world import chat_messages
+
+    out = Path(world.dpo_path).parent / "sweep"
+    out.mkdir(exist_ok=True)
+    prompts = out / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "messages": chat_messages(p)}) + "\n"
+                               for i, p in enumerate(world.prompts)))
+    cfg = SweepConfig(model=world.dpo_path, reference_model=world.sft_path,
+                      prompts=str(prompts), reward=SWEEP_REWARD, output=str(out / "sweep.csv"),
+                      lambdas=SWEEP_LAMBDAS, alphas=SWEEP_ALPHAS, max_tokens=MAX_TOKENS,
+                      progress=False)
+    return cfg, read_prompts(prompts)
 
 
 def _served(world, prompts: Sequence[str]) -> dict[str, dict[str, str]]:

@@ -71,6 +71,12 @@ def polite_reward(response: str) -> float:
     return sum(w in POLITE for w in words) / len(words)
 
 
+def polite_pair_reward(prompt: str, response: str) -> float:
+    """``polite_reward`` with the data tools' reward signature (the prompt is ignored):
+    ``--reward vllm_align.toy.world:polite_pair_reward``."""
+    return polite_reward(response)
+
+
 # ---------------------------------------------------------------------------
 # Corpus
 # ---------------------------------------------------------------------------

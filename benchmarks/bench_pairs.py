@@ -1,0 +1,168 @@
+"""generate-pairs throughput vs a bare ``LLM.generate`` of the same requests.
+
+One engine (``build_llm``, generate-pairs' own settings; prefix caching off so
+that a run does not find the previous run's prompts cached) on a locally built
+model pair (the bench_align.py pair by default), one warm-up call, then
+alternately, ``--repeats`` times:
+
+* bare  : one ``llm.generate`` call with all 2 x N requests, timed around it;
+* pairs : ``generate_pairs(..., llm=engine)`` (what ``vllm-align generate-pairs``
+          runs, minus the engine start-up) to a fresh output file, timed by
+          itself from its first request to its last record synced.
+
+Same text prompts, same two sides per prompt (generate-pairs' defaults:
+chosen = AAD alpha 0.1 greedy, rejected = the aligned model with nucleus p 0.9,
+temperature 1; prompt i seeded seed + i), so both produce the same texts, which
+is checked. Sharing one engine and alternating keeps the comparison fair on a
+machine whose load changes. The ratio is pairs tokens/s over bare tokens/s from
+the summed tokens and seconds.
+
+Usage: python benchmarks/bench_pairs.py [--prompts 128] [--tokens 64] [--repeats 3]
+           [--batch-size 64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+# As in bench_align.py: give vLLM both cores (its CPU worker reserves one by default).
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+MAX_MODEL_LEN = 512
+
+
+def write_prompts(path: Path, tokenizer, n: int, seed: int = 0) -> None:
+    """``n`` text prompts of 8-24 random vocabulary words, one JSON object per line."""
+    rng = random.Random(seed)
+    words = sorted({w for w in (tokenizer.decode([t]).strip()
+                                for t in range(len(tokenizer)))
+                    if w.isalpha() and len(w) > 2})
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"prompt": " ".join(rng.choices(words, k=rng.randint(8, 24)))})
+                    + "\n")
+
+
+def load_avg() -> float:
+    return os.getloadavg()[0]
+
+
+def bare_requests(prompts: Path, tokens: int, seed: int):
+    """generate-pairs' requests for ``prompts``: [chosen, rejected] per prompt."""
+    from vllm_align.data.pairs import (CHOSEN_SAMPLING, DEFAULT_CHOSEN, DEFAULT_REJECTED,
+                                       REJECTED_SAMPLING, parse_side)
+    from vllm_align.data.prompts import read_prompts
+
+    chosen = parse_side(DEFAULT_CHOSEN, side="chosen", defaults=CHOSEN_SAMPLING)
+    rejected = parse_side(DEFAULT_REJECTED, side="rejected", defaults=REJECTED_SAMPLING)
+    inputs, params = [], []
+    for it in read_prompts(prompts):
+        inputs += [it.prompt, it.prompt]
+        params += [chosen.sampling_params(tokens, seed + it.index),
+                   rejected.sampling_params(tokens, seed + it.index)]
+    return inputs, params
+
+
+def bench_bare(llm, inputs, params) -> dict:
+    load = load_avg()
+    t0 = time.perf_counter()
+    outs = llm.generate(inputs, params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    return {"tokens": sum(len(o.outputs[0].token_ids) for o in outs), "seconds": seconds,
+            "load": load, "texts": [(outs[j].outputs[0].text, outs[j + 1].outputs[0].text)
+                                    for j in range(0, len(outs), 2)]}
+
+
+def bench_pairs(llm, aligned: str, reference: str, prompts: Path, tokens: int, seed: int,
+                batch_size: int, out: Path) -> dict:
+    from vllm_align.data.pairs import generate_pairs
+
+    out.unlink(missing_ok=True)
+    load = load_avg()
+    res = generate_pairs(model=aligned, reference_model=reference, prompts=str(prompts),
+                         output=str(out), max_tokens=tokens, seed=seed, batch_size=batch_size,
+                         progress=False, llm=llm)
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    return {"tokens": res.tokens, "seconds": res.seconds, "load": load,
+            "texts": [(r["chosen"], r["rejected"]) for r in recs]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=128)
+    parser.add_argument("--tokens", type=int, default=64, help="max_tokens per side")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="generate-pairs --batch-size (its default: 64)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden-size", type=int, default=1024)
+    parser.add_argument("--num-layers", type=int, default=8)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--models-dir", default=".cache/bench-models")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from vllm_align.data.engine import build_llm, cpu_needs_whole_prefills
+    from vllm_align.toy.models import build_llama_pair
+
+    aligned, reference = build_llama_pair(
+        args.models_dir, hidden_size=args.hidden_size, num_layers=args.num_layers,
+        num_heads=args.hidden_size // 64, vocab_size=args.vocab_size, seed=0)
+    llm = build_llm(aligned, reference, dtype=args.dtype, seed=args.seed,
+                    max_model_len=MAX_MODEL_LEN, seeded_sampling=True,
+                    llm_kwargs={"enable_prefix_caching": False})
+    runs: dict[str, list[dict]] = {"bare": [], "pairs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = Path(tmp) / "prompts.jsonl"
+        write_prompts(prompts, AutoTokenizer.from_pretrained(aligned), args.prompts, args.seed)
+        inputs, params = bare_requests(prompts, args.tokens, args.seed)
+        llm.generate(inputs[:4], params[:4], use_tqdm=False)     # warm-up
+        for _ in range(args.repeats):
+            runs["bare"].append(bench_bare(llm, inputs, params))
+            runs["pairs"].append(bench_pairs(llm, aligned, reference, prompts, args.tokens,
+                                             args.seed, args.batch_size,
+                                             Path(tmp) / "pairs.jsonl"))
+    del llm
+    gc.collect()
+
+    def rate(name: str) -> float:
+        return sum(r["tokens"] for r in runs[name]) / sum(r["seconds"] for r in runs[name])
+
+    reference_texts = runs["bare"][0]["texts"]
+    same = [sum(a == b for a, b in zip(r["texts"], reference_texts)) for r in runs["pairs"]]
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "vllm_reserved_cpus": os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"],
+        "chunked_prefill": not cpu_needs_whole_prefills(),
+        "config": vars(args),
+        "runs": {name: [{"tokens": r["tokens"], "seconds": round(r["seconds"], 2),
+                         "tokens_per_s": round(r["tokens"] / r["seconds"], 1),
+                         "load_avg_1min_at_start": round(r["load"], 2)} for r in rs]
+                 for name, rs in runs.items()},
+        "tokens_per_s": {"bare": round(rate("bare"), 1), "pairs": round(rate("pairs"), 1)},
+        "ratio_pairs_over_bare": round(rate("pairs") / rate("bare"), 3),
+        "ratio_per_repeat": [round((p["tokens"] / p["seconds"]) / (b["tokens"] / b["seconds"]), 3)
+                             for b, p in zip(runs["bare"], runs["pairs"])],
+        "pairs_identical_to_bare": f"{min(same)}/{len(reference_texts)}",
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
