@@ -3,7 +3,7 @@
 One engine (``build_llm``, generate-pairs' own settings; prefix caching off so
 that a run does not find the previous run's prompts cached) on a locally built
 model pair (the bench_align.py pair by default), one warm-up call, then
-alternately, ``--repeats`` times:
+``--repeats`` times both of (the order alternating between repeats):
 
 * bare  : one ``llm.generate`` call with all 2 x N requests, timed around it;
 * pairs : ``generate_pairs(..., llm=engine)`` (what ``vllm-align generate-pairs``
@@ -14,8 +14,9 @@ Same text prompts, same two sides per prompt (generate-pairs' defaults:
 chosen = AAD alpha 0.1 greedy, rejected = the aligned model with nucleus p 0.9,
 temperature 1; prompt i seeded seed + i), so both produce the same texts, which
 is checked. Sharing one engine and alternating keeps the comparison fair on a
-machine whose load changes. The ratio is pairs tokens/s over bare tokens/s from
-the summed tokens and seconds.
+machine whose load changes. Reported: pairs tokens/s over bare tokens/s from
+the summed tokens and seconds, and the median over repeats of each repeat's ratio
+(its two runs back to back), the robust figure when other jobs come and go.
 
 Usage: python benchmarks/bench_pairs.py [--prompts 128] [--tokens 64] [--repeats 3]
            [--batch-size 64] [--json out.json]
@@ -29,6 +30,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -129,17 +131,25 @@ def main(argv=None) -> int:
         write_prompts(prompts, AutoTokenizer.from_pretrained(aligned), args.prompts, args.seed)
         inputs, params = bare_requests(prompts, args.tokens, args.seed)
         llm.generate(inputs[:4], params[:4], use_tqdm=False)     # warm-up
-        for _ in range(args.repeats):
-            runs["bare"].append(bench_bare(llm, inputs, params))
-            runs["pairs"].append(bench_pairs(llm, aligned, reference, prompts, args.tokens,
-                                             args.seed, args.batch_size,
-                                             Path(tmp) / "pairs.jsonl"))
+        for rep in range(args.repeats):
+            def bare() -> None:
+                runs["bare"].append(bench_bare(llm, inputs, params))
+
+            def pairs() -> None:
+                runs["pairs"].append(bench_pairs(llm, aligned, reference, prompts, args.tokens,
+                                                 args.seed, args.batch_size,
+                                                 Path(tmp) / "pairs.jsonl"))
+            # Alternate which goes first, so a load trend favours neither.
+            for run in ((bare, pairs) if rep % 2 == 0 else (pairs, bare)):
+                run()
     del llm
     gc.collect()
 
     def rate(name: str) -> float:
         return sum(r["tokens"] for r in runs[name]) / sum(r["seconds"] for r in runs[name])
 
+    per_repeat = [(p["tokens"] / p["seconds"]) / (b["tokens"] / b["seconds"])
+                  for b, p in zip(runs["bare"], runs["pairs"])]
     reference_texts = runs["bare"][0]["texts"]
     same = [sum(a == b for a, b in zip(r["texts"], reference_texts)) for r in runs["pairs"]]
     report = {
@@ -153,8 +163,10 @@ def main(argv=None) -> int:
                  for name, rs in runs.items()},
         "tokens_per_s": {"bare": round(rate("bare"), 1), "pairs": round(rate("pairs"), 1)},
         "ratio_pairs_over_bare": round(rate("pairs") / rate("bare"), 3),
-        "ratio_per_repeat": [round((p["tokens"] / p["seconds"]) / (b["tokens"] / b["seconds"]), 3)
-                             for b, p in zip(runs["bare"], runs["pairs"])],
+        "ratio_per_repeat": [round(r, 3) for r in per_repeat],
+        # Each repeat's two runs are back to back: their ratio sees the same load, so
+        # the median over repeats is the robust figure on a shared machine.
+        "ratio_median": round(statistics.median(per_repeat), 3),
         "pairs_identical_to_bare": f"{min(same)}/{len(reference_texts)}",
     }
     print(json.dumps(report, indent=2))
