@@ -14,3 +14,39 @@ def tiny_pair(tmp_path_factory) -> tuple[str, str]:
     from vllm_align.toy.models import build_llama_pair
 
     return build_llama_pair(tmp_path_factory.mktemp("tiny-pair"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny forwards: thread start-up dominates, and on a shared 2-core box costs ~20x."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def peaked_tiny_llama(hidden: int = 64, vocab: int = 96):
+    """A 2-layer float32 Llama with spread-out weights: peaked, context-dependent distributions."""
+    import math
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      head_dim=32, max_position_embeddings=128, tie_word_embeddings=False)
+    m = LlamaForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+            elif "embed" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            elif "lm_head" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 4.0 / math.sqrt(hidden))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
+    return m

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import peaked_tiny_llama
 import torch
 
 import hf_mara_reference
@@ -23,34 +24,13 @@ HIDDEN, VOCAB = 64, 96
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny forwards: thread start-up dominates, and on a shared 2-core box costs ~20x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                      head_dim=32, max_position_embeddings=128, tie_word_embeddings=False)
-    m = LlamaForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # spread-out weights: peaked, context-dependent distributions
-        for name, p in m.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
-            elif "embed" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
-            elif "lm_head" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 4.0 / math.sqrt(HIDDEN))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
-    return m
+    return peaked_tiny_llama(HIDDEN, VOCAB)
 
 
 def test_last_hidden_state_is_post_norm(model):

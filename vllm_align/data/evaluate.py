@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from vllm_align.data.metrics import mean_sem, preference_rate, win_rate
-from vllm_align.data.prompts import DataError
+from vllm_align.data.prompts import DataError, json_objects
 
 
 @dataclass(frozen=True)
@@ -67,25 +67,15 @@ class Record:
 def read_records(path: str | os.PathLike, field: str) -> list[Record]:
     """Records of a response file; errors name the file, line and field."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {obj!r:.80}")
-            rid = obj.get("id")
-            if isinstance(rid, bool) or not (rid is None or isinstance(rid, (str, int))):
-                raise DataError(f"{where}: 'id' must be a string or an integer, got {rid!r}")
-            for key in ("prompt", field):
-                if not isinstance(obj.get(key), str):
-                    raise DataError(f"{where}: needs a string {key!r}, got "
-                                    f"{obj.get(key)!r:.80}")
-            records.append(Record(rid, obj["prompt"], obj[field]))
+    for where, obj in json_objects(path):
+        rid = obj.get("id")
+        if isinstance(rid, bool) or not (rid is None or isinstance(rid, (str, int))):
+            raise DataError(f"{where}: 'id' must be a string or an integer, got {rid!r}")
+        for key in ("prompt", field):
+            if not isinstance(obj.get(key), str):
+                raise DataError(f"{where}: needs a string {key!r}, got "
+                                f"{obj.get(key)!r:.80}")
+        records.append(Record(rid, obj["prompt"], obj[field]))
     if not records:
         raise DataError(f"{path} holds no records")
     return records

@@ -27,10 +27,8 @@ class PromptItem:
     messages: list | None = None
 
 
-def read_prompts(path: str | os.PathLike) -> list[PromptItem]:
-    """Read and validate a prompt JSONL file; errors name the file and line."""
-    items: list[PromptItem] = []
-    seen: set = set()
+def json_objects(path: str | os.PathLike):
+    """(``"file:line"``, object) for each non-blank line of a JSONL file of objects."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -42,27 +40,35 @@ def read_prompts(path: str | os.PathLike) -> list[PromptItem]:
                 raise DataError(f"{where}: not valid JSON ({e})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, got {obj!r:.80}")
-            index = len(items)
-            pid = obj.get("id", index)
-            if isinstance(pid, bool) or not isinstance(pid, (str, int)):
-                raise DataError(f"{where}: 'id' must be a string or an integer, got {pid!r}")
-            if pid in seen:
-                raise DataError(f"{where}: duplicate id {pid!r}")
-            seen.add(pid)
-            if "prompt" in obj:
-                if not isinstance(obj["prompt"], str):
-                    raise DataError(f"{where}: 'prompt' must be a string, got {obj['prompt']!r:.80}")
-                items.append(PromptItem(index, pid, prompt=obj["prompt"]))
-            elif "messages" in obj:
-                msgs = obj["messages"]
-                if not isinstance(msgs, list) or not msgs or not all(
-                        isinstance(m, dict) and isinstance(m.get("role"), str)
-                        and isinstance(m.get("content"), str) for m in msgs):
-                    raise DataError(f"{where}: 'messages' must be a non-empty list of "
-                                    f"{{role, content}} strings, got {msgs!r:.80}")
-                items.append(PromptItem(index, pid, messages=msgs))
-            else:
-                raise DataError(f"{where}: needs 'prompt' (string) or 'messages' (chat list)")
+            yield where, obj
+
+
+def read_prompts(path: str | os.PathLike) -> list[PromptItem]:
+    """Read and validate a prompt JSONL file; errors name the file and line."""
+    items: list[PromptItem] = []
+    seen: set = set()
+    for where, obj in json_objects(path):
+        index = len(items)
+        pid = obj.get("id", index)
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+            raise DataError(f"{where}: 'id' must be a string or an integer, got {pid!r}")
+        if pid in seen:
+            raise DataError(f"{where}: duplicate id {pid!r}")
+        seen.add(pid)
+        if "prompt" in obj:
+            if not isinstance(obj["prompt"], str):
+                raise DataError(f"{where}: 'prompt' must be a string, got {obj['prompt']!r:.80}")
+            items.append(PromptItem(index, pid, prompt=obj["prompt"]))
+        elif "messages" in obj:
+            msgs = obj["messages"]
+            if not isinstance(msgs, list) or not msgs or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str) for m in msgs):
+                raise DataError(f"{where}: 'messages' must be a non-empty list of "
+                                f"{{role, content}} strings, got {msgs!r:.80}")
+            items.append(PromptItem(index, pid, messages=msgs))
+        else:
+            raise DataError(f"{where}: needs 'prompt' (string) or 'messages' (chat list)")
     return items
 
 
