@@ -15,7 +15,7 @@ decodes the 64 held-out prompts every way in ``vllm_align.toy.mara.RUNS``
 * the engine emits what the HF rollout the agent was trained and evaluated in
   emits (deterministic runs, text for text).
 
-Measured in three runs (engine seed 0, shared 2-core CPU; each value the mean
+Measured in four runs (engine seed 0, shared 2-core CPU; each value the mean
 over the 64 prompts of one repeat), polite words per response and the world's
 rule reward (fraction of polite words):
 
@@ -24,7 +24,7 @@ run                            polite words          fraction
 =============================  ====================  ===============
 SFT greedy                     0.27                  0.030
 SFT sampling, 4 seeds          0.33-0.48             0.036-0.055
-MARA untrained, sampled, 4x    0.27-0.38             about 0.03-0.04
+MARA untrained, sampled, 4x    0.27-0.47             about 0.03-0.05
 MARA trained, sampled, 4x      1.47-1.69             about 0.24-0.26
 MARA trained, greedy           1.94                  0.318
 MARA untrained, greedy         1.80 (see below)      0.201
