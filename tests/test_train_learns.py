@@ -18,39 +18,44 @@ for a reason unrelated to learning, see ``vllm_align.train.toy``; not asserted.)
 
 The toy world is built once (1.5-2.5 minutes) and cached in the repository's
 ``.cache/toy-world`` (shared with test_toy_world.py; ``VLLM_ALIGN_TOY_WORLD_DIR``
-moves it); training and evaluation then take about 2 minutes on 2 idle cores.
+moves it). The agent is trained once (about 2 minutes on 2 idle cores) and
+cached next to it (``toy_agent``: stamped by the settings, the recipe and the
+SFT weights), shared with test_toy_mara.py, which runs it in the engine; the
+learning curve checked here is that training's metrics.csv. The HF evaluation
+takes seconds.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 from pathlib import Path
 from statistics import fmean
 
 import pytest
 
-from vllm_align.train.toy import ToySettings, run_toy
+from vllm_align.train.toy import ToySettings, evaluate_agent, toy_agent
 
 WORLD_DIR = Path(os.environ.get("VLLM_ALIGN_TOY_WORLD_DIR",
                                 Path(__file__).resolve().parents[1] / ".cache" / "toy-world"))
 
 
 @pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
-    return run_toy(tmp_path_factory.mktemp("mara-toy"), WORLD_DIR, ToySettings(),
-                   log=lambda line: None)
+def agent():
+    return toy_agent(WORLD_DIR, ToySettings())
 
 
-def test_trained_agent_beats_untrained_agent_and_plain_decoding(toy_run):
-    r = {k: v["reward"] for k, v in toy_run["eval"].items()}
+def test_trained_agent_beats_untrained_agent_and_plain_decoding(agent):
+    r = {k: v["reward"] for k, v in evaluate_agent(agent, ToySettings()).items()}
     baseline = max(r["untrained sampled"], r["plain greedy"], r["plain sampling"])
     assert r["trained sampled"] > baseline + 0.4, r
     assert r["trained greedy"] > r["plain greedy"] + 0.4, r
 
 
-def test_learning_curve_rises(toy_run):
-    with open(toy_run["result"].metrics_csv, newline="") as f:
+def test_learning_curve_rises(agent):
+    assert agent.stats["episodes"] == ToySettings().episodes
+    with open(agent.metrics_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     assert int(rows[-1]["episodes"]) == ToySettings().episodes
     quarter = len(rows) // 4
@@ -58,3 +63,32 @@ def test_learning_curve_rises(toy_run):
     last = fmean(float(r["reward"]) for r in rows[-quarter:])
     assert last > first + 0.4, (first, last)
     assert int(rows[-1]["updates"]) > 0 and float(rows[-1]["entropy"]) < 0.69
+
+
+def test_toy_agent_is_cached_and_stamped(tmp_path):
+    """A second call reuses the agent; other settings or other SFT weights retrain it."""
+    import shutil
+
+    from vllm_align.toy.world import build_toy_world
+
+    world = build_toy_world(WORLD_DIR, seed=0)
+    for name in ("sft", "dpo", "tokenizer", "stamp.json"):  # a copy of the built world
+        src = WORLD_DIR / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    tiny = ToySettings(episodes=64, learning_starts=64, batch_size=32, num_train_prompts=64)
+    first = toy_agent(tmp_path, tiny)
+    assert first.stats["episodes"] == 64 and first.trained.is_file()
+    assert first.model == tmp_path / "sft" and Path(world.sft_path).name == "sft"
+    made = first.trained.stat().st_mtime_ns
+    assert toy_agent(tmp_path, tiny) == first
+    assert first.trained.stat().st_mtime_ns == made  # reused, not retrained
+
+    other = toy_agent(tmp_path, dataclasses.replace(tiny, episodes=128))
+    assert other.stats["episodes"] == 128
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "sft" / "model.safetensors"
+    state = load_file(weights)
+    state["lm_head.weight"][0, 0] += 0.5  # an SFT model rebuilt differently
+    save_file(state, weights, metadata={"format": "pt"})
+    assert toy_agent(tmp_path, tiny).trained.stat().st_mtime_ns != made

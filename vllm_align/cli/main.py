@@ -48,8 +48,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-serve", action="store_true", help="skip the vllm serve part")
 
 
-@command("demo", "train a toy SFT/DPO pair and compare SFT, DPO, DeRa and AAD "
-         "offline and served", args=_demo_args)
+@command("demo", "train a toy SFT/DPO pair and a MARA agent; compare SFT, DPO, DeRa, AAD "
+         "and MARA offline and served", args=_demo_args)
 def demo(args: argparse.Namespace) -> int:
     from vllm_align.toy.demo import main as demo_main
 

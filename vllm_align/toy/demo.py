@@ -1,15 +1,24 @@
 """The vllm-align demo: the toy world decoded offline and through ``vllm serve``.
 
 1. Builds (or reuses) the toy world (``vllm_align.toy.world``): a tiny SFT
-   model, a DPO model trained from it to be polite, and the polite reward.
+   model, a DPO model trained from it to be polite, and the polite reward;
+   then trains (or reuses) a MARA agent on the SFT model with the SAC trainer
+   (``vllm_align.train.toy.toy_agent``, about 2 minutes the first time).
 2. Offline: one ``vllm.LLM`` on the DPO model with the SFT model as reference
-   decodes every held-out prompt with every method in ONE mixed batch; prints a
-   few prompts side by side and the mean reward per method.
+   and the trained agent decodes every held-out prompt with every method in
+   ONE mixed batch; prints a few prompts side by side and the mean reward per
+   method. (The agent was trained on the SFT model's hidden states; here it
+   reads the DPO model's, a light fine-tune of the same network.)
    On the same engine, a sweep (``vllm_align.data.sweep``, what ``vllm-align
    sweep`` runs) over DeRa lambda and AAD alpha with the polite reward as a
    Python callable; prints the table and writes the CSV and the reward-vs-lambda
    PNG next to the world (``sweep/``).
-3. Served: starts ``vllm serve DPO --sampler align --reference-model SFT`` on
+3. MARA against its base LLM: a second ``vllm.LLM`` serving the SFT model, the
+   model the agent was trained on, with the trained agent and the same run's
+   untrained one; the SFT model alone (greedy, sampled) and MARA with either
+   agent on the held-out prompts at the trained 16-token horizon
+   (``vllm_align.toy.mara``); prints the mean polite words per response.
+4. Served: starts ``vllm serve DPO --sampler align --reference-model SFT`` on
    loopback, sends the same few prompts with per-request
    ``extra_body={"alignment": ...}`` through the ``openai`` client (the
    methods of one prompt concurrently, so they share server batches), prints
@@ -43,8 +52,8 @@ METHODS: dict[str, dict] = {
     "DeRa lambda=1.5": {"method": "dera", "lambda": 1.5},
     "DeRa lambda=2": {"method": "dera", "lambda": 2.0},
     "AAD alpha=0.1": {"method": "aad", "alpha": 0.1},
-    # An untrained (random) agent: MARA's mechanics, not its alignment.
-    "MARA (untrained)": {"method": "mara"},
+    # The toy agent trained with SAC on the SFT model (greedy decisions, the default).
+    "MARA (trained)": {"method": "mara", "agent": "trained"},
 }
 SHOWN_PROMPTS = 3
 # The sweep (vllm-align sweep) run on the offline engine: the toy world's rule as a callable.
@@ -81,12 +90,14 @@ def main(out_dir: str | os.PathLike | None = None, *, seed: int = 0,
     print(f"  reward: fraction of polite words; {len(world.prompts)} held-out prompts")
     if "build_seconds" in world.stats:
         print(f"  built in {world.stats['build_seconds']:.0f}s (cached for the next run)")
+    agent = _agent(out)
 
     shown = world.prompts[:SHOWN_PROMPTS]
     try:
-        offline = _offline(world)
+        offline = _offline(world, agent)
+        _mara_vs_base(world, agent)
         if serve:
-            served = _served(world, shown)
+            served = _served(world, agent, shown)
             same = sum(served[p][name] == offline[p][name] for p in shown for name in METHODS)
             print(f"\nServed responses identical to the offline ones: {same}/"
                   f"{len(shown) * len(METHODS)}")
@@ -97,7 +108,21 @@ def main(out_dir: str | os.PathLike | None = None, *, seed: int = 0,
     return 0
 
 
-def _offline(world) -> dict[str, dict[str, str]]:
+def _agent(world_dir: Path):
+    """Train (about 2 minutes, once) or reuse the toy MARA agent next to the world."""
+    from vllm_align.train.toy import ToySettings, toy_agent
+
+    settings = ToySettings()
+    _heading("MARA agent: SAC on the SFT model (vllm-align train-mara)")
+    print(f"  reward: number of polite words in a {settings.max_response_len}-token response; "
+          f"{settings.episodes} training episodes", flush=True)
+    agent = toy_agent(world_dir, settings, log=lambda line: print("  " + line, flush=True))
+    print(f"  agent: {agent.trained}\n  (trained in {agent.stats['train_seconds']:.0f}s, "
+          f"{agent.stats['updates']} SAC updates; learning curve: {agent.metrics_csv})")
+    return agent
+
+
+def _offline(world, agent) -> dict[str, dict[str, str]]:
     """Decode all held-out prompts with all methods in one batch, then a lambda/alpha sweep
     on the same engine (CSV + PNG next to the world); print; return the shown texts."""
     import gc
@@ -112,7 +137,7 @@ def _offline(world) -> dict[str, dict[str, str]]:
         print(f"  {name:<18} extra_args={{'align': {spec}}}")
     llm = LLM(model=world.dpo_path, dtype="float32", max_model_len=MAX_MODEL_LEN, seed=0,
               additional_config={"align": {"reference_model": world.sft_path,
-                                           "mara_agents": {"default": _untrained_agent(world)}}})
+                                           "mara_agents": {"trained": str(agent.trained)}}})
     try:
         prompt_ids = world.prompt_token_ids(llm.get_tokenizer())
         t0 = time.monotonic()
@@ -140,6 +165,8 @@ def _offline(world) -> dict[str, dict[str, str]]:
         rewards = [world.reward(t) for t in texts[name]]
         stderr = statistics.stdev(rewards) / len(rewards) ** 0.5
         print(f"  {name:<18} {statistics.mean(rewards):7.4f} {stderr:7.4f}")
+    print("  (MARA here reads the DPO model's states; the agent was trained on SFT's: its\n"
+          "  comparison with the model it was trained on follows the sweep)")
 
     _heading("Sweep: reward vs DeRa lambda and AAD alpha (vllm-align sweep)")
     print(f"  $ vllm-align sweep --model {world.dpo_path} --reference-model {world.sft_path} \\\n"
@@ -155,17 +182,48 @@ def _offline(world) -> dict[str, dict[str, str]]:
     return shown
 
 
-def _untrained_agent(world) -> str:
-    """A random MARA agent for the DPO model, saved next to it (the trainer makes real ones)."""
-    from transformers import AutoConfig
+def _mara_vs_base(world, agent) -> None:
+    """The trained agent against its base LLM: an engine serving the SFT model."""
+    import gc
 
-    from vllm_align.mara.agent import random_agent, save_agent
+    from vllm_align.toy import mara as toy_mara
+    from vllm_align.train.toy import polite_count
 
-    path = Path(world.dpo_path).parent / "mara-untrained.safetensors"
-    if not path.exists():
-        hidden = AutoConfig.from_pretrained(world.dpo_path).hidden_size
-        save_agent(random_agent(hidden, seed=0), path)
-    return str(path)
+    n = len(toy_mara.SEEDS)
+    _heading("MARA vs its base LLM: one LLM engine on the SFT model, the agents it was "
+             "trained with")
+    print(f"  LLM(model={world.sft_path!r}, additional_config={{'align': {{'mara_agents': "
+          f"{{'trained': ..., 'untrained': ...}}}}}})")
+    print(f"  extra_args={{'align': {toy_mara.RUNS['trained sampled'].align}}}")
+    llm = toy_mara.build_engine(agent)
+    try:
+        t0 = time.monotonic()
+        outputs = toy_mara.decode_runs(llm, world.prompt_token_ids(llm.get_tokenizer()))
+        seconds = time.monotonic() - t0
+    finally:
+        del llm
+        gc.collect()
+    print(f"  {sum(len(r) for reps in outputs.values() for r in reps)} sequences in "
+          f"{seconds:.1f}s\n")
+    words = toy_mara.mean_rewards(outputs, lambda text: polite_count("", text))
+    fraction = toy_mara.mean_rewards(outputs, world.reward)
+    print(f"Polite words per {toy_mara.MAX_TOKENS}-token response, {len(world.prompts)} held-out "
+          f"prompts (sampled runs: mean of {n}, min-max):")
+    print(f"  {'decoding':<44} {'words':>6} {'min-max':>11} {'reward':>7}")
+    for name, run in toy_mara.RUNS.items():
+        w = words[name]
+        spread = f"{min(w):.2f}-{max(w):.2f}" if len(w) > 1 else ""
+        print(f"  {run.label:<44} {statistics.mean(w):6.2f} {spread:>11} "
+              f"{statistics.mean(fraction[name]):7.4f}")
+    print("  (reward: the fraction of polite words, as in the tables above. The untrained\n"
+          "  agent's greedy score is not learned: it rejects nearly every candidate, and the\n"
+          "  fallback emits the last, least probable one, often polite here)")
+    i = 1
+    print(f"\n[{i + 1}] user: {world.prompts[i]}")
+    for name in ("plain greedy", "plain sampling", "trained sampled", "trained greedy"):
+        text = outputs[name][0][i].text
+        print(f"  {toy_mara.RUNS[name].label:<44} {text.strip() or '(empty)'}")
+    sys.stdout.flush()
 
 
 def _sweep_config(world):
@@ -186,7 +244,7 @@ def _sweep_config(world):
     return cfg, read_prompts(prompts)
 
 
-def _served(world, prompts: Sequence[str]) -> dict[str, dict[str, str]]:
+def _served(world, agent, prompts: Sequence[str]) -> dict[str, dict[str, str]]:
     """Ask a live ``vllm serve`` the same prompts; print; return the texts."""
     import openai
 
@@ -194,7 +252,7 @@ def _served(world, prompts: Sequence[str]) -> dict[str, dict[str, str]]:
 
     _heading("Served: vllm serve --sampler align, per-request extra_body={'alignment': ...}")
     log = Path(world.dpo_path).parent / "serve.log"
-    with _server(world, log) as url:
+    with _server(world, agent, log) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
         def ask(prompt: str, spec: dict) -> str:
@@ -214,18 +272,18 @@ def _served(world, prompts: Sequence[str]) -> dict[str, dict[str, str]]:
 
 
 @contextlib.contextmanager
-def _server(world, log: Path) -> Iterator[str]:
+def _server(world, agent, log: Path) -> Iterator[str]:
     """Start ``vllm serve`` on a free loopback port; always stop it on exit."""
     import requests
 
     port = _free_port()
     vllm = str(Path(sys.executable).with_name("vllm"))
     cmd = [vllm, "serve", world.dpo_path, "--sampler", "align",
-           "--reference-model", world.sft_path, "--mara-agent", _untrained_agent(world),
+           "--reference-model", world.sft_path, "--mara-agent", f"trained={agent.trained}",
            "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0"]
     print(f"  $ vllm serve {world.dpo_path} --sampler align \\\n"
-          f"      --reference-model {world.sft_path} --port {port} ...")
+          f"      --reference-model {world.sft_path} --mara-agent trained=... --port {port} ...")
     print(f"  (full command and server log in {log})", flush=True)
     with log.open("w") as log_file:
         log_file.write(" ".join(cmd) + "\n\n")

@@ -17,6 +17,10 @@ decisions (the policy SAC optimises; 4 seeds) and greedy decisions (the
 served default). ``benchmarks/train_mara_toy.py`` runs it and writes the
 learning curve to ``docs/mara-training/``.
 
+``toy_agent`` is the same training, cached next to the toy world (stamped,
+file-locked, reused): the agent the tests, the demo and ``vllm_align.toy.mara``
+(the agent through the vLLM engine) share, trained once per cache.
+
 A caveat on greedy decisions: with fallback "last", an agent that rejects
 (nearly) everything emits the least probable candidate at every position, and
 in this world the least probable candidate is often the polite one; the
@@ -28,12 +32,15 @@ sampled score, where its P(accept) ≈ 0.47 counts, is plain-like).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
+import shutil
 from pathlib import Path
 from statistics import fmean
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
+from vllm_align.toy import models as toy_models
 from vllm_align.toy import world as toy_world
 
 DEFAULT_WORLD_DIR = Path(__file__).resolve().parents[2] / ".cache" / "toy-world"
@@ -150,33 +157,153 @@ def evaluate(model_path: str, runs: dict[str, tuple[Optional[dict], str]], *,
     return out
 
 
-def run_toy(out_dir: os.PathLike, world_dir: os.PathLike = DEFAULT_WORLD_DIR,
-            settings: ToySettings = ToySettings(), log=print) -> dict[str, Any]:
-    """Build/reuse the toy world, train an agent, evaluate plain / untrained / trained.
+# ---------------------------------------------------------------------------
+# Training, fresh or cached
+# ---------------------------------------------------------------------------
 
-    Returns {"plain", "untrained", "trained": mean held-out reward, "result": TrainResult,
-    "eval": the full evaluation}.
+# Bump when the training recipe changes in a way ToySettings does not record.
+AGENT_RECIPE_VERSION = 1
+AGENT_DIR = "mara-agent"  # under the world's directory
+UNTRAINED_FILE = "untrained.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyAgent:
+    """A toy agent trained on the world's SFT model (what ``toy_agent`` returns).
+
+    Both agent files are in the inference format (``mara.agent.load_agent``,
+    ``additional_config["align"]["mara_agents"]``, ``--mara-agent``) and take
+    the SFT model's hidden states ([N, 128]).
+    """
+
+    model: Path  # the LLM the agent was trained on (the world's SFT model)
+    trained: Path  # the actor after training (the trainer's agent.safetensors)
+    untrained: Path  # the same run's actor at initialisation (the "before")
+    metrics_csv: Path  # one row per training rollout (the learning curve)
+    stats: dict  # episodes, transitions, updates, train_seconds
+
+
+def _train(world_dir: Path, out_dir: Path, settings: ToySettings, **overrides: Any):
+    """Train into ``out_dir`` (which must hold no checkpoint); returns the ``TrainResult``.
+
+    Also writes ``out_dir/untrained.safetensors``, the run's initial actor.
     """
     import torch
+    from transformers import AutoConfig
 
+    from vllm_align.mara.agent import save_agent
     from vllm_align.train.sac import SACState
     from vllm_align.train.trainer import train_mara
 
-    world_dir, out_dir = Path(world_dir), Path(out_dir)
-    toy_world.build_toy_world(world_dir, seed=0, log=log)
-    torch.set_num_threads(settings.threads)
-    cfg = settings.train_config(world_dir, out_dir)
-    from transformers import AutoConfig
-
+    cfg = settings.train_config(world_dir, out_dir, **overrides)
     d = AutoConfig.from_pretrained(cfg.model).hidden_size
-    untrained = SACState.create(d, cfg.sac).actor.state_dict()  # the run's initial actor
-    result = train_mara(cfg)
-    trained = torch.load(result.checkpoint / "trainer.pt", weights_only=True)["sac"]["actor"]
-    ev = evaluate(cfg.model, {
-        "plain greedy": (None, "plain"), "plain sampling": (None, "reference"),
-        "untrained sampled": (untrained, "sampled"), "trained sampled": (trained, "sampled"),
-        "untrained greedy": (untrained, "greedy"), "trained greedy": (trained, "greedy"),
-    }, max_response_len=settings.max_response_len, top_k=cfg.sac.top_k, top_p=cfg.sac.top_p)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_agent(SACState.create(d, cfg.sac).actor, out_dir / UNTRAINED_FILE)
+    threads = torch.get_num_threads()
+    try:
+        return train_mara(cfg)
+    finally:
+        torch.set_num_threads(threads)  # the trainer sets settings.threads
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()  # ~1 MB of weights
+
+
+def toy_agent(world_dir: os.PathLike = DEFAULT_WORLD_DIR, settings: ToySettings = ToySettings(),
+              *, log: Optional[Callable[[str], None]] = None) -> ToyAgent:
+    """Train (or reuse) the toy agent, cached in ``world_dir/mara-agent``.
+
+    Like ``build_toy_world``: the directory is stamped with the settings, the
+    recipe version and the SFT weights' hash, so a changed recipe or a rebuilt
+    world retrains, and an identical call returns at once; a file lock makes
+    concurrent callers (test modules, the demo) wait for one training instead
+    of racing. About 2 minutes on 2 idle CPU cores the first time (after the
+    world's own 1.5-2.5 minutes if it is not built yet). Only the final
+    checkpoint is kept. ``log`` receives progress lines (default: silent; the
+    trainer's own console lines go to stdout).
+    """
+    log = log or (lambda line: None)
+    world_dir = Path(world_dir)
+    world = toy_world.build_toy_world(world_dir, seed=0, log=log)
+    model = Path(world.sft_path)
+    out = world_dir / AGENT_DIR
+    key = {"recipe_version": AGENT_RECIPE_VERSION, "settings": dataclasses.asdict(settings),
+           "model_sha256": _sha256(model / "model.safetensors")}
+    stamp = out / "stamp.json"
+    agent = ToyAgent(model=model, trained=out / "agent.safetensors",
+                     untrained=out / UNTRAINED_FILE, metrics_csv=out / "metrics.csv", stats={})
+    with toy_models._locked(world_dir / ".mara-agent.lock"):
+        try:
+            saved = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        files = (agent.trained, agent.untrained, agent.metrics_csv)
+        if saved.get("key") == key and all(f.is_file() for f in files):
+            return dataclasses.replace(agent, stats=saved.get("stats", {}))
+        shutil.rmtree(out, ignore_errors=True)  # stale or torn: the stamp is written last
+        log(f"training the toy MARA agent into {out} ({settings.episodes} episodes)")
+        # One checkpoint, at the end: the cache keeps the agent, not a resumable run.
+        result = _train(world_dir, out, settings, checkpoint_every=settings.episodes)
+        stats = {"episodes": result.episodes, "transitions": result.transitions,
+                 "updates": result.updates, "train_seconds": round(result.elapsed_s, 1)}
+        stamp.write_text(json.dumps({"key": key, "stats": stats}, indent=2, sort_keys=True)
+                         + "\n")
+        log(f"trained in {result.elapsed_s:.0f}s (cached for the next run)")
+    return dataclasses.replace(agent, stats=stats)
+
+
+EVAL_RUNS = ("plain greedy", "plain sampling", "untrained sampled", "trained sampled",
+             "untrained greedy", "trained greedy")
+
+
+def evaluate_agent(agent: ToyAgent, settings: ToySettings = ToySettings(), *,
+                   runs: Sequence[str] = EVAL_RUNS,
+                   seeds: Sequence[int] = EVAL_SEEDS) -> dict[str, dict[str, Any]]:
+    """``evaluate`` the named ``EVAL_RUNS`` on the held-out prompts with the HF rollout.
+
+    "plain" runs decode the LLM alone, the others MARA with the untrained or
+    trained agent; "sampled"/"plain sampling" runs once per seed.
+    """
+    import torch
+
+    from vllm_align.mara.agent import load_agent
+
+    if set(runs) - set(EVAL_RUNS):
+        raise ValueError(f"unknown toy evaluation run(s) {sorted(set(runs) - set(EVAL_RUNS))}; "
+                         f"known: {list(EVAL_RUNS)}")
+    states = {"trained": load_agent(agent.trained).state_dict(),
+              "untrained": load_agent(agent.untrained).state_dict()}
+    decisions = {"plain greedy": "plain", "plain sampling": "reference"}
+    table = {name: (states.get(name.split()[0]), decisions.get(name, name.split()[1]))
+             for name in runs}
+    sac = settings.train_config(agent.model.parent, agent.trained.parent).sac
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)  # tiny forwards: extra threads cost ~20x on a busy box
+    try:
+        return evaluate(str(agent.model), table, seeds=seeds,
+                        max_response_len=settings.max_response_len, top_k=sac.top_k,
+                        top_p=sac.top_p)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_toy(out_dir: os.PathLike, world_dir: os.PathLike = DEFAULT_WORLD_DIR,
+            settings: ToySettings = ToySettings(), log=print) -> dict[str, Any]:
+    """Build/reuse the toy world, train a FRESH agent into ``out_dir``, evaluate it.
+
+    What ``benchmarks/train_mara_toy.py`` times; ``toy_agent`` is the cached
+    equivalent. Returns {run name: mean held-out reward, "result": TrainResult,
+    "eval": the full evaluation}.
+    """
+    world_dir, out_dir = Path(world_dir), Path(out_dir)
+    world = toy_world.build_toy_world(world_dir, seed=0, log=log)
+    result = _train(world_dir, out_dir, settings)
+    ev = evaluate_agent(ToyAgent(model=Path(world.sft_path), trained=result.agent_path,
+                                 untrained=out_dir / UNTRAINED_FILE,
+                                 metrics_csv=result.metrics_csv, stats={}), settings)
     summary = {k: v["reward"] for k, v in ev.items()}
     log("held-out mean polite reward: " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items()))
     return {**summary, "result": result, "eval": ev}

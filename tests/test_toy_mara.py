@@ -1,0 +1,113 @@
+"""A SAC-trained MARA agent beats its base LLM, through the engine.
+
+The agent is the toy one (``vllm_align.train.toy``: trained on the toy
+world's SFT model to write polite words into 16-token responses), cached next
+to the toy world and shared with test_train_learns.py (one training per
+cache). Here it is loaded into a real ``vllm.LLM`` serving the SFT model, with
+the same run's untrained actor as a second agent, and one ``generate`` call
+decodes the 64 held-out prompts every way in ``vllm_align.toy.mara.RUNS``
+(16 tokens, top-k 40 / top-p 0.95; sampled runs 4 times). Asserted:
+
+* MARA with the trained agent and sampled decisions (the policy SAC
+  optimises) earns far more reward than the SFT model decoded plainly, greedy
+  or sampled, and than the same decoding with the untrained agent;
+* with greedy decisions (the served default) it beats greedy decoding too;
+* the engine emits what the HF rollout the agent was trained and evaluated in
+  emits (deterministic runs, text for text).
+
+Measured in four runs (engine seed 0, shared 2-core CPU; each value the mean
+over the 64 prompts of one repeat), polite words per response and the world's
+rule reward (fraction of polite words):
+
+=============================  ====================  ===============
+run                            polite words          fraction
+=============================  ====================  ===============
+SFT greedy                     0.27                  0.030
+SFT sampling, 4 seeds          0.33-0.48             0.036-0.055
+MARA untrained, sampled, 4x    0.27-0.47             about 0.03-0.05
+MARA trained, sampled, 4x      1.47-1.69             about 0.24-0.26
+MARA trained, greedy           1.94                  0.318
+MARA untrained, greedy         1.80 (see below)      0.201
+=============================  ====================  ===============
+
+Greedy runs and seeded plain sampling are exact; sampled MARA decisions come
+from the engine's own generator, in batches that differ between runs, hence
+ranges (``vllm_align.toy.mara``). The trained agent's worst repeat beats the
+plain and untrained baselines' best by about 1.0 word per response (0.18 of
+the fraction); the margins asserted are 0.5 word and 0.1, about half the gap:
+some 32 of the 64 responses would each have to lose a polite word to break
+them. The untrained agent's greedy 1.80 is the fallback rule at work, not
+learning: not asserted.
+
+Longer responses (96 tokens, measured, not asserted here): the trained agent,
+sampled, writes 2.52-2.59 polite words (fraction 0.113-0.117) against 0.42 /
+0.73-0.91 (0.019 / 0.031-0.039) for SFT greedy / sampling, so it carries over
+beyond its 16-token training horizon; greedy decisions give 2.91, and there the
+untrained agent's fallback artefact (3.92) is larger still.
+
+Costs: the agent's training (about 2 minutes on 2 idle cores, once per cache,
+under a lock; test_train_learns.py reuses it), one engine start (about a
+minute on a busy machine) and seconds of decoding.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vllm_align.toy import mara as toy_mara
+from vllm_align.toy import world as toy
+from vllm_align.train.toy import ToySettings, evaluate_agent, polite_count, toy_agent
+
+WORLD_DIR = Path(os.environ.get("VLLM_ALIGN_TOY_WORLD_DIR",
+                                Path(__file__).resolve().parents[1] / ".cache" / "toy-world"))
+MARGIN_WORDS, MARGIN_FRACTION = 0.5, 0.1
+
+
+@pytest.fixture(scope="module")
+def agent():
+    return toy_agent(WORLD_DIR)
+
+
+@pytest.fixture(scope="module")
+def outputs(agent):
+    """Run name -> per repeat, one CompletionOutput per held-out prompt (one generate call)."""
+    world = toy.build_toy_world(WORLD_DIR, seed=0)
+    llm = toy_mara.build_engine(agent)
+    try:
+        yield toy_mara.decode_runs(llm, world.prompt_token_ids(llm.get_tokenizer()))
+    finally:
+        del llm
+
+
+def test_every_run_decodes_every_prompt(outputs):
+    assert set(outputs) == set(toy_mara.RUNS)
+    for name, reps in outputs.items():
+        assert len(reps) == (len(toy_mara.SEEDS) if toy_mara.RUNS[name].sampled else 1), name
+        for rep in reps:
+            assert len(rep) == 64
+            assert all(len(o.token_ids) <= toy_mara.MAX_TOKENS for o in rep)
+
+
+@pytest.mark.parametrize("reward, margin", [(polite_count, MARGIN_WORDS),
+                                            (lambda p, r: toy.polite_reward(r), MARGIN_FRACTION)],
+                         ids=["polite words", "polite fraction"])
+def test_trained_mara_beats_its_base_llm(outputs, reward, margin):
+    r = toy_mara.mean_rewards(outputs, lambda text: reward("", text))
+    plain_best = max(*r["plain greedy"], *r["plain sampling"])
+    # Every repeat, not just the mean: each is a whole decode of the 64 prompts.
+    assert min(r["trained sampled"]) > plain_best + margin, r
+    assert min(r["trained sampled"]) > max(r["untrained sampled"]) + margin, r
+    assert r["trained greedy"][0] > r["plain greedy"][0] + margin, r
+
+
+def test_engine_decodes_as_the_training_rollout(agent, outputs):
+    """The served agent reads the states it was trained on: deterministic runs agree with HF."""
+    hf = evaluate_agent(agent, ToySettings(), seeds=(0,), runs=(
+        "plain greedy", "trained greedy", "untrained greedy"))
+    for name in ("plain greedy", "trained greedy", "untrained greedy"):
+        engine = [o.text for o in outputs[name][0]]
+        same = sum(a == b for a, b in zip(engine, hf[name]["responses"]))
+        assert same == len(engine), (name, same)
