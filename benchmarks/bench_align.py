@@ -108,25 +108,35 @@ def bench_hf(aligned: str, reference: str, spec: dict, prompts, tokens: int,
     return n_tokens / (time.perf_counter() - start)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=64)
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The benchmark model pair's flags (shared by every script here) and ``--json``."""
     parser.add_argument("--hidden-size", type=int, default=1024)
     parser.add_argument("--num-layers", type=int, default=8)
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--models-dir", default=".cache/bench-models")
     parser.add_argument("--json", default=None, help="write the results here")
+
+
+def bench_pair(args) -> tuple[str, str]:
+    """(aligned, reference) paths of the locally built pair the flags describe (cached)."""
+    from vllm_align.toy.models import build_llama_pair
+
+    return build_llama_pair(
+        args.models_dir, hidden_size=args.hidden_size, num_layers=args.num_layers,
+        num_heads=args.hidden_size // 64, vocab_size=args.vocab_size, seed=0)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=64)
+    add_model_args(parser)
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
 
-    from vllm_align.toy.models import build_llama_pair
-
-    aligned, reference = build_llama_pair(
-        args.models_dir, hidden_size=args.hidden_size, num_layers=args.num_layers,
-        num_heads=args.hidden_size // 64, vocab_size=args.vocab_size, seed=0)
+    aligned, reference = bench_pair(args)
     prompts = _prompts(AutoTokenizer.from_pretrained(aligned), args.prompts)
 
     results = {

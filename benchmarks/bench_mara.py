@@ -160,6 +160,8 @@ def walk_summary(stats) -> dict:
 
 
 def main(argv=None) -> int:
+    from bench_align import _prompts, add_model_args, bench_pair
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--max-num-seqs", type=int, default=32)
@@ -168,22 +170,12 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--accept-rate", type=float, default=0.7)
-    parser.add_argument("--hidden-size", type=int, default=1024)
-    parser.add_argument("--num-layers", type=int, default=8)
-    parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--models-dir", default=".cache/bench-models")
-    parser.add_argument("--json", default=None, help="write the results here")
+    add_model_args(parser)
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
 
-    from bench_align import _prompts
-    from vllm_align.toy.models import build_llama_pair
-
-    model, _ = build_llama_pair(
-        args.models_dir, hidden_size=args.hidden_size, num_layers=args.num_layers,
-        num_heads=args.hidden_size // 64, vocab_size=args.vocab_size, seed=0)
+    model, _ = bench_pair(args)
     prompts = _prompts(AutoTokenizer.from_pretrained(model), args.prompts)
     agent_path = os.path.join(args.models_dir, "bench-agent.safetensors")
     agent = calibrated_agent(model, prompts[:32], args.accept_rate, agent_path)

@@ -99,6 +99,8 @@ def bench_pairs(llm, aligned: str, reference: str, prompts: Path, tokens: int, s
 
 
 def main(argv=None) -> int:
+    from bench_align import add_model_args, bench_pair
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens per side")
@@ -106,22 +108,13 @@ def main(argv=None) -> int:
                         help="generate-pairs --batch-size (its default: 64)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--hidden-size", type=int, default=1024)
-    parser.add_argument("--num-layers", type=int, default=8)
-    parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--models-dir", default=".cache/bench-models")
-    parser.add_argument("--json", default=None, help="write the results here")
+    add_model_args(parser)
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
 
     from vllm_align.data.engine import build_llm, cpu_needs_whole_prefills
-    from vllm_align.toy.models import build_llama_pair
-
-    aligned, reference = build_llama_pair(
-        args.models_dir, hidden_size=args.hidden_size, num_layers=args.num_layers,
-        num_heads=args.hidden_size // 64, vocab_size=args.vocab_size, seed=0)
+    aligned, reference = bench_pair(args)
     llm = build_llm(aligned, reference, dtype=args.dtype, seed=args.seed,
                     max_model_len=MAX_MODEL_LEN, seeded_sampling=True,
                     llm_kwargs={"enable_prefix_caching": False})

@@ -43,13 +43,18 @@ def _same_length(*lists: Sequence[float]) -> int:
 
 
 @dataclass(frozen=True)
-class WinRate:
-    """AAD-paper win rate of A over B on one score (higher is better)."""
+class _Outcomes:
+    """Per-prompt outcomes of A against B: ``n = wins + ties + losses``."""
 
     n: int
     wins: int
     ties: int
     losses: int
+
+
+@dataclass(frozen=True)
+class WinRate(_Outcomes):
+    """AAD-paper win rate of A over B on one score (higher is better)."""
 
     @property
     def rate(self) -> float:
@@ -74,13 +79,8 @@ def win_rate(reward_a: Sequence[float], reward_b: Sequence[float]) -> WinRate:
 
 
 @dataclass(frozen=True)
-class PreferenceRate:
+class PreferenceRate(_Outcomes):
     """MARA-paper preference rate of A over B on (reward up, cost down)."""
-
-    n: int
-    wins: int
-    ties: int
-    losses: int
 
     @property
     def rate(self) -> float:
