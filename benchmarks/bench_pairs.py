@@ -113,11 +113,10 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from vllm_align.data.engine import build_llm, cpu_needs_whole_prefills
+    from vllm_align.data.engine import build_llm
     aligned, reference = bench_pair(args)
     llm = build_llm(aligned, reference, dtype=args.dtype, seed=args.seed,
-                    max_model_len=MAX_MODEL_LEN, seeded_sampling=True,
-                    llm_kwargs={"enable_prefix_caching": False})
+                    max_model_len=MAX_MODEL_LEN, llm_kwargs={"enable_prefix_caching": False})
     runs: dict[str, list[dict]] = {"bare": [], "pairs": []}
     with tempfile.TemporaryDirectory() as tmp:
         prompts = Path(tmp) / "prompts.jsonl"
@@ -148,7 +147,6 @@ def main(argv=None) -> int:
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "vllm_reserved_cpus": os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"],
-        "chunked_prefill": not cpu_needs_whole_prefills(),
         "config": vars(args),
         "runs": {name: [{"tokens": r["tokens"], "seconds": round(r["seconds"], 2),
                          "tokens_per_s": round(r["tokens"] / r["seconds"], 1),

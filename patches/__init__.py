@@ -46,9 +46,10 @@ def apply_patches() -> None:
         return
     from vllm_align.patches import (engine_args, input_processor, model_runner,
                                     openai_request, output_processor, scheduler,
-                                    serve_command)
+                                    serve_command, vllm_config)
 
-    for patch in (engine_args.EngineArgsPatch,
+    for patch in (vllm_config.VllmConfigPatch,  # the runner choice, read by all below
+                  engine_args.EngineArgsPatch,
                   input_processor.InputProcessorPatch,
                   openai_request.CompletionRequestPatch,
                   openai_request.ChatCompletionRequestPatch,

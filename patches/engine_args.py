@@ -18,6 +18,8 @@ from vllm_align.config import EXTRA_ARGS_KEY, AlignConfigError, EngineAlignConfi
 from vllm_align.patches.base import VllmPatch
 
 logger = logging.getLogger("vllm.vllm_align")  # under vLLM's logger: its format and level
+# The per-request alignment state, loaded by engines with alignment only.
+BATCH_STATE = "vllm_align.engine.batch_state:AlignBatchState"
 
 
 def _json_object(text: str) -> dict:
@@ -119,14 +121,17 @@ class EngineArgsPatch(VllmPatch):
             from vllm_align.engine import stats
 
             stats.mara_engine_started = True
+        aligned = EXTRA_ARGS_KEY in (self.additional_config or {})
+        if aligned and BATCH_STATE not in (self.logits_processors or []):
+            # Only engines with alignment load the batch state (a V1 logits
+            # processor); a plain engine keeps vLLM's processors and runner.
+            self.logits_processors = [*(self.logits_processors or []), BATCH_STATE]
         config = EngineArgsPatch.original("create_engine_config")(self, *args, **kwargs)
-        import vllm_align
-
-        if vllm_align.selected_v1_runner:
-            logger.info("vllm-align: using vLLM's V1 model runner (the plugin set "
-                        "VLLM_USE_V2_MODEL_RUNNER=0; set it yourself to override)")
-        if self.additional_config.get(EXTRA_ARGS_KEY) is not None and config.use_v2_model_runner:
-            raise AlignConfigError(
-                "vllm-align runs on vLLM's V1 model runner; unset "
-                "VLLM_USE_V2_MODEL_RUNNER (the plugin then selects V1)")
+        if aligned:
+            if config.use_v2_model_runner:
+                raise AlignConfigError(
+                    "vllm-align runs on vLLM's V1 model runner; unset "
+                    "VLLM_USE_V2_MODEL_RUNNER (the plugin then selects V1 for this engine)")
+            logger.info("vllm-align: this engine runs vLLM's V1 model runner "
+                        "(alignment rules are V1 logits processors)")
         return config

@@ -1,10 +1,11 @@
 """``InputProcessor``: refuse, per request, what this engine cannot serve.
 
-The ``vllm.logits_processors`` hook (``validate_params``) sees only the
-request, so it checks the shape of ``extra_args["align"]``. Whether *this*
-engine can honour it (a reference model for DeRa/AAD, a runner that runs our
-batch state) needs the engine config; the validator vLLM builds once per
-engine is wrapped here. Errors become ``VLLMValidationError``: HTTP 400 when
+Every request's ``extra_args["align"]`` is parsed here, in the API process,
+on every engine where the plugin is installed (also one without alignment
+configuration, which loads none of the plugin's logits processors): whether
+*this* engine can honour it (a reference model for DeRa/AAD, an agent for
+MARA) needs the engine config, so the validator vLLM builds once per engine
+is wrapped. Errors become ``VLLMValidationError``: HTTP 400 when
 served, a ``ValueError`` offline, and only that request is refused.
 Written for vLLM 0.32.
 """

@@ -1,17 +1,27 @@
-"""``GPUModelRunner`` (also the CPU runner's base): MARA's candidate feeding.
+"""``GPUModelRunner`` (also the CPU runner's base): MARA's candidate feeding, seeded rewinds.
 
-Three sites, each around the stock method (``vllm_align/engine/mara_rows.py``
-has the design):
+Four sites, each around the stock method, all inert on an engine without
+alignment configuration (no batch state; ``vllm_align/engine/mara_rows.py``
+has the MARA design):
 
 * ``_prepare_inputs``: before it, each MARA row that has a pending candidate
   is moved one position ahead: its KV is complete up to its last emitted
   token, so it feeds the candidate at ``num_tokens`` rather than re-feeding
   the last token (the scheduler counts as for plain decode). After it, the
-  step's partial-prefill mask (rows whose output vLLM drops) is handed to the
-  batch state, so those rows are left alone.
+  step's partial-prefill mask (rows whose output vLLM drops) and the seeded
+  rows' generators are handed to the batch state.
+* ``_sample``: vLLM samples a token for every row, also a partial prefill
+  whose token it then discards, and rewinds that row's seeded generator with
+  ``Generator.set_offset``. CPU generators have no offset ("CPU Generator
+  does not use offset": the engine died on a seeded request whose prompt was
+  prefilled in chunks). Here the states of those generators are saved
+  before sampling and restored after it: the same rewind, for any generator.
 * ``_bookkeeping_sync``: MARA rows that emit nothing this step are added to
   vLLM's discard mask (no token appended, none returned); the step's small
   per-row results come to the host here, in one copy, where vLLM syncs anyway.
+  Generators that must not be rewound by offset (those restored in
+  ``_sample``, and MARA rows', whose one-hot draw stands) are held out of
+  vLLM's rewind.
 * ``sample_tokens``: the step's MARA report rides on the ``ModelRunnerOutput``
   to the scheduler (rollback of non-emitting rows, acceptance statistics).
 
@@ -34,9 +44,19 @@ def _mara_state(runner):
     return state if state is not None and state.mara is not None else None
 
 
+def _discarded_generators(runner) -> dict[int, torch.Generator]:
+    """{row: seeded generator} of the rows whose sampled token vLLM discards this step."""
+    n = runner.input_batch.num_reqs
+    generators = runner.input_batch.generators
+    if not generators:
+        return {}
+    discard = runner.discard_request_mask.np[:n]
+    return {i: g for i, g in generators.items() if i < n and discard[i]}
+
+
 class ModelRunnerPatch(VllmPatch):
     target = GPUModelRunner
-    replaces = ("_prepare_inputs", "_bookkeeping_sync", "sample_tokens")
+    replaces = ("_prepare_inputs", "_sample", "_bookkeeping_sync", "sample_tokens")
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         state = _mara_state(self)
@@ -51,13 +71,30 @@ class ModelRunnerPatch(VllmPatch):
         out = ModelRunnerPatch.original("_prepare_inputs")(
             self, scheduler_output, num_scheduled_tokens)
         if state is not None:
-            state.discard = self.discard_request_mask.gpu[: self.input_batch.num_reqs]
+            n = self.input_batch.num_reqs
+            state.set_step_inputs(self.discard_request_mask.gpu[:n],
+                                  self.discard_request_mask.np[:n], self.input_batch.generators)
         return out
 
+    def _sample(self, *args, **kwargs):
+        restore = {}
+        if state_for(self.vllm_config) is not None:
+            restore = {g: g.get_state() for g in _discarded_generators(self).values()
+                       if g.device.type == "cpu"}
+        try:
+            return ModelRunnerPatch.original("_sample")(self, *args, **kwargs)
+        finally:
+            for generator, saved in restore.items():
+                generator.set_state(saved)
+
     def _bookkeeping_sync(self, scheduler_output, sampler_output, *args, **kwargs):
+        if state_for(self.vllm_config) is None:
+            return ModelRunnerPatch.original("_bookkeeping_sync")(
+                self, scheduler_output, sampler_output, *args, **kwargs)
         state = _mara_state(self)
         self._vllm_align_report = None
         result = state.mara_result if state is not None else None
+        held_rows: set[int] = set()
         if result is not None:
             n = self.input_batch.num_reqs
             host = torch.stack([result.is_mara.long(), result.emit.long(), result.position,
@@ -73,16 +110,18 @@ class ModelRunnerPatch(VllmPatch):
                                        host[2][rows].tolist(), host[3][rows].tolist())
             # vLLM rewinds a discarded row's seeded generator (its sample is
             # redrawn later); a MARA row's sample is its one-hot token, so
-            # there is nothing to rewind, and CPU generators cannot rewind.
-            generators = self.input_batch.generators
-            held = {i: generators.pop(i) for i in rows.tolist() if i in generators}
-            try:
-                return ModelRunnerPatch.original("_bookkeeping_sync")(
-                    self, scheduler_output, sampler_output, *args, **kwargs)
-            finally:
-                generators.update(held)
-        return ModelRunnerPatch.original("_bookkeeping_sync")(
-            self, scheduler_output, sampler_output, *args, **kwargs)
+            # there is nothing to rewind.
+            held_rows.update(rows.tolist())
+        # CPU generators were rewound in _sample already (they have no offset).
+        held_rows.update(i for i, g in _discarded_generators(self).items()
+                         if g.device.type == "cpu")
+        generators = self.input_batch.generators
+        held = {i: generators.pop(i) for i in held_rows if i in generators}
+        try:
+            return ModelRunnerPatch.original("_bookkeeping_sync")(
+                self, scheduler_output, sampler_output, *args, **kwargs)
+        finally:
+            generators.update(held)
 
     def sample_tokens(self, *args, **kwargs):
         self._vllm_align_report = None

@@ -16,6 +16,23 @@ def tiny_pair(tmp_path_factory) -> tuple[str, str]:
     return build_llama_pair(tmp_path_factory.mktemp("tiny-pair"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def align_server(tiny_pair, tmp_path_factory):
+    """(url, model, process) of `vllm serve` on the tiny pair with a reference model and
+    a MARA agent (named "default"); a 64-token step budget, so long prompts are prefilled
+    in chunks. Requests without `alignment` get DeRa lambda=0 (the reference model)."""
+    from serving import agent_file, start, stop
+
+    aligned, reference = tiny_pair
+    tmp = tmp_path_factory.mktemp("server")
+    _, agent = agent_file(tiny_pair, tmp / "agent.safetensors")
+    proc, url = start([aligned, "--sampler", "align", "--reference-model", reference,
+                       "--mara-agent", agent, "--max-num-batched-tokens", "64",
+                       "--align-default", '{"method": "dera", "lambda": 0.0}'], tmp / "serve.log")
+    yield url, aligned, proc
+    stop(proc)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny forwards: thread start-up dominates, and on a shared 2-core box costs ~20x."""

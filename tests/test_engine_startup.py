@@ -1,6 +1,7 @@
 """What an engine agrees to start with, and what a plain engine refuses per request."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -57,8 +58,9 @@ def test_bad_engine_config_refused(tiny_pair, align, message):
     assert "\n" not in str(err.value)
 
 
-def test_engine_without_alignment_config_refuses_align_requests(tiny_pair):
+def test_engine_without_alignment_config_refuses_align_requests(tiny_pair, monkeypatch):
     """The plugin is installed, the engine was started plainly: refuse, never ignore."""
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(lambda)
     llm = LLM(model=tiny_pair[0], dtype="float32", max_model_len=256)
     dera = SamplingParams(max_tokens=2, extra_args={"align": {"method": "dera", "lambda": 0.5}})
     with pytest.raises(ValueError, match="needs a reference model"):
@@ -72,3 +74,25 @@ def test_engine_without_alignment_config_refuses_align_requests(tiny_pair):
     outs = llm.generate(["hi", "hi"], [none, plain], use_tqdm=False)
     assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
     assert Path(tiny_pair[0]).exists()
+
+    # ...and is otherwise as without the plugin: vLLM's own runner choice (on a GPU
+    # its V2 default), none of the plugin's logits processors in the workers.
+    from vllm_align.patches.vllm_config import VllmConfigPatch
+
+    config = llm.llm_engine.vllm_config
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in os.environ
+    assert config.use_v2_model_runner == VllmConfigPatch.original(
+        "use_v2_model_runner").fget(config)
+    loaded = llm.collective_rpc(lambda worker: [
+        f"{type(p).__module__}.{type(p).__name__}"
+        for p in worker.model_runner.input_batch.logitsprocs.all])
+    assert loaded and not any("vllm_align" in name for names in loaded for name in names)
+
+
+def test_engine_with_alignment_loads_its_batch_state_on_v1(tiny_pair, monkeypatch):
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    llm = _start(tiny_pair[0], {"reference_model": tiny_pair[1]})
+    assert llm.llm_engine.vllm_config.use_v2_model_runner is False
+    loaded = llm.collective_rpc(lambda worker: [
+        type(p).__name__ for p in worker.model_runner.input_batch.logitsprocs.all])
+    assert all("AlignBatchState" in names for names in loaded)

@@ -168,6 +168,34 @@ def test_sampled_decisions(mara_llm, hf_models, agents):
         ids.append(token)
 
 
+def test_seeded_sampled_decisions_do_not_depend_on_the_batch(mara_llm):
+    """A seeded MARA request with sampled decisions gives the same tokens alone and in two
+    different mixes (its prompt is prefilled in chunks); its decisions follow its seed."""
+    rng = random.Random(8)
+    prompt = [rng.randrange(10, 1000) for _ in range(90)]
+    others = [[rng.randrange(10, 1000) for _ in range(n)] for n in (30, 7, 75, 12)]
+
+    def seeded(seed):
+        return SamplingParams(max_tokens=2 * MAX_TOKENS, temperature=1.0, seed=seed,
+                              ignore_eos=True, extra_args={"align": {
+                                  "method": "mara", "decisions": "sampled", "top_k": 8}})
+
+    def noise(spec, **kw):
+        return SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, extra_args={"align": spec},
+                              **{"temperature": 1.0, **kw})
+
+    alone = _generate(mara_llm, [prompt], seeded(42))[0].outputs[0].token_ids
+    mix_a = _generate(mara_llm, [others[0], prompt, others[1]], [
+        noise({"method": "mara", "decisions": "sampled"}), seeded(42),
+        noise({"method": "dera", "lambda": 0.5}, seed=3)])
+    mix_b = _generate(mara_llm, [others[2], others[3], prompt, others[0]], [
+        noise({"method": "mara", "decisions": "sampled", "agent": "eager"}, seed=7),
+        noise({"method": "none"}), seeded(42), noise({"method": "mara", "top_k": 3})])
+    assert mix_a[1].outputs[0].token_ids == alone
+    assert mix_b[2].outputs[0].token_ids == alone
+    assert _generate(mara_llm, [prompt], seeded(43))[0].outputs[0].token_ids != alone
+
+
 @pytest.mark.parametrize("spec, extra, message", [
     ({"method": "mara", "agent": "nope"}, {}, "unknown MARA agent 'nope'"),
     ({"method": "mara", "top_k": 0}, {}, "'top_k' must be an integer >= 1"),

@@ -318,6 +318,42 @@ def test_bad_lambda_rejected(value, fragment):
     _rejects({"method": "dera", "lambda": value}, "'lambda'", fragment)
 
 
+@pytest.mark.parametrize("spec, fragment", [
+    # finite in Python, not in the engine's float32 (1e308 crashed the engine once)
+    ({"method": "dera", "lambda": 1e308}, "'lambda' must be finite and within [-1000000, 1000000]"),
+    ({"method": "dera", "lambda": -3.5e38}, "'lambda'"),
+    ({"method": "dera", "lambda": 1_000_001}, "'lambda'"),
+    ({"method": "aad", "entropy_threshold": 1e300}, "'entropy_threshold' must be finite"),
+    ({"method": "aad", "alpha": 1e-300}, "at least 1.175494e-38 (float32)"),
+    ({"method": "aad", "alpha": 5e-324}, "'alpha'"),
+    ({"method": "mara", "top_p": 1e-300}, "'top_p'"),
+    ({"method": "mara", "threshold": 1e-300}, "'threshold'"),
+    ({"method": "mara", "top_k": 2 ** 31}, "'top_k' must be at most 2147483647"),
+    ({"method": "mara", "top_k": 10 ** 30}, "'top_k'"),
+])
+def test_values_outside_float32_or_the_mixing_bound_rejected(spec, fragment):
+    _rejects(spec, fragment)
+
+
+@pytest.mark.parametrize("spec", [
+    {"method": "dera", "lambda": 1e6}, {"method": "dera", "lambda": -1e6},
+    {"method": "dera", "lambda": 1e-320}, {"method": "aad", "alpha": 1e-30},
+    {"method": "aad", "entropy_threshold": 3e38}, {"method": "mara", "top_k": 2 ** 31 - 1},
+    {"method": "mara", "threshold": 0.0},
+])
+def test_extreme_but_valid_values_accepted(spec):
+    AlignParams.parse(spec)
+
+
+def test_dera_at_the_lambda_bound_stays_finite():
+    """Even logits of extreme magnitude mix to finite values (no inf, so no NaN in softmax)."""
+    aligned = torch.tensor([[3e38, -3e38, 1.0]])
+    reference = torch.tensor([[-3e38, 3e38, 0.0]])
+    mixed = methods.dera_logits(aligned, reference, torch.tensor([1e6]))
+    assert torch.isfinite(mixed).all()
+    assert mixed.argmax().item() == 0
+
+
 @pytest.mark.parametrize("alpha", [0, 0.0, 1.5, -0.1, 1.0000001])
 def test_alpha_outside_unit_interval_rejected(alpha):
     _rejects({"method": "aad", "alpha": alpha}, "'alpha'", "(0, 1]", repr(float(alpha)))

@@ -1,105 +1,26 @@
 """The real `vllm serve --sampler align` on loopback, through the `openai` client."""
 
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import openai
 import pytest
 import requests
 
-STARTUP_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    vllm = str(Path(sys.executable).with_name("vllm"))
-    cmd = [vllm, "serve", *args, "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8"]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except requests.ConnectionError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise RuntimeError(f"server did not start in {STARTUP_S}s:\n{log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-@pytest.fixture(scope="module")
-def server(tiny_pair, tmp_path_factory):
-    aligned, reference = tiny_pair
-    log = tmp_path_factory.mktemp("server") / "serve.log"
-    proc, url = _start([aligned, "--sampler", "align", "--reference-model", reference,
-                        "--align-default", '{"method": "dera", "lambda": 0.0}'], log)
-    yield url, aligned
-    _stop(proc)
+from serving import (MAX_TOKENS, PROMPT, STARTUP_S, agent_file as _agent, client as _client,
+                     complete as _complete, ids as _ids, start as _start, stop as _stop)
 
 
 @pytest.fixture(scope="module")
 def greedy_ids(tiny_pair):
-    """Greedy token ids of the aligned and reference models alone, by plain HF forwards."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from serving import hf_greedy_ids
 
-    prompt = AutoTokenizer.from_pretrained(tiny_pair[0])(PROMPT).input_ids
-
-    def greedy(path: str) -> list[int]:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        ids = list(prompt)
-        with torch.no_grad():
-            for _ in range(MAX_TOKENS):
-                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-        return ids[len(prompt):]
-
-    return {"aligned": greedy(tiny_pair[0]), "reference": greedy(tiny_pair[1])}
+    return hf_greedy_ids(tiny_pair)
 
 
-PROMPT, MAX_TOKENS = "the cat sat on", 8
-
-
-def _client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-
-
-def _complete(client, model, alignment=None, **kw):
-    extra = {"ignore_eos": True, "return_token_ids": True}
-    if alignment is not None:
-        extra["alignment"] = alignment
-    return client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS,
-                                     temperature=0, extra_body=extra, **kw)
-
-
-def _ids(completion) -> list[int]:
-    return list(completion.choices[0].token_ids)
-
-
-def test_alignment_field_selects_the_rule(server, greedy_ids):
-    url, model = server
+def test_alignment_field_selects_the_rule(align_server, greedy_ids):
+    url, model, _ = align_server
     client = _client(url)
     assert _ids(_complete(client, model, {"method": "none"})) == greedy_ids["aligned"]
     assert _ids(_complete(client, model, {"method": "dera", "lambda": 1.0})) == greedy_ids["aligned"]
@@ -107,14 +28,14 @@ def test_alignment_field_selects_the_rule(server, greedy_ids):
     assert greedy_ids["aligned"] != greedy_ids["reference"]
 
 
-def test_default_applies_without_field(server, greedy_ids):
-    url, model = server
+def test_default_applies_without_field(align_server, greedy_ids):
+    url, model, _ = align_server
     # --align-default is DeRa lambda=0: the reference model's greedy output.
     assert _ids(_complete(_client(url), model)) == greedy_ids["reference"]
 
 
-def test_chat_and_streaming(server):
-    url, model = server
+def test_chat_and_streaming(align_server):
+    url, model, _ = align_server
     client = _client(url)
     messages = [{"role": "user", "content": PROMPT}]
 
@@ -145,8 +66,8 @@ def test_chat_and_streaming(server):
     ({"method": "aad", "alpha": 0.0}, "(0, 1]"),
     ({"method": "aad", "alpha": 1.5}, "(0, 1]"),
 ])
-def test_bad_alignment_is_400_and_server_keeps_serving(server, alignment, message):
-    url, model = server
+def test_bad_alignment_is_400_and_server_keeps_serving(align_server, alignment, message):
+    url, model, _ = align_server
     client = _client(url)
     with pytest.raises(openai.BadRequestError) as err:
         _complete(client, model, alignment)
@@ -156,25 +77,15 @@ def test_bad_alignment_is_400_and_server_keeps_serving(server, alignment, messag
 
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "1e999"])
-def test_non_finite_lambda_is_400(server, value):
+def test_non_finite_lambda_is_400(align_server, value):
     # The openai client refuses to send NaN, so post the raw JSON body.
-    url, model = server
+    url, model, _ = align_server
     body = ('{"model": "%s", "prompt": "hi", "max_tokens": 2, '
             '"alignment": {"method": "dera", "lambda": %s}}' % (model, value))
     resp = requests.post(url + "/v1/completions", data=body,
                          headers={"content-type": "application/json"}, timeout=60)
     assert resp.status_code == 400
     assert "must be finite" in resp.json()["error"]["message"]
-
-
-def _agent(tiny_pair, path: Path, width_delta: int = 0) -> tuple[object, str]:
-    from transformers import AutoConfig
-
-    from vllm_align.mara.agent import random_agent, save_agent
-
-    hidden = AutoConfig.from_pretrained(tiny_pair[0]).hidden_size + width_delta
-    agent = random_agent(hidden, seed=1)
-    return agent, str(save_agent(agent, path))
 
 
 def test_mara_served_without_reference_with_metrics(tiny_pair, tmp_path):

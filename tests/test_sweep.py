@@ -165,9 +165,9 @@ def test_sampled_sweep_with_long_prompts(tiny_pair, tmp_path):
     """Temperature 1, prompt i seeded seed + i, a file.py:function reward.
 
     24 prompts of ~250 tokens x 2 grid points exceed a step's 4096-token budget,
-    so on a chunked-prefill engine some seeded request is prefilled in pieces,
-    which kills vLLM 0.32's CPU engine ("CPU Generator does not use offset");
-    the data tools prefill whole prompts on CPU when they sample with seeds.
+    so some seeded request is prefilled in pieces. That killed vLLM 0.32's CPU
+    engine ("CPU Generator does not use offset") until patches/model_runner.py
+    rewound CPU generators by state; the data tools keep chunked prefill on.
     """
     aligned, reference = tiny_pair
     prompts = tmp_path / "p.jsonl"

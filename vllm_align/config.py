@@ -29,22 +29,54 @@ _METHOD_KEYS = {
 _ENGINE_KEYS = ("reference_model", "mara_agents", "default")
 EXTRA_ARGS_KEY = "align"
 
+# The engine computes in float32: a parameter is refused unless it survives
+# the conversion (no overflow to inf, no underflow of a positive value to 0).
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38  # smallest positive normal float32
+# |lambda| beyond this makes lam * (h_aligned - h_ref) overflow-prone for
+# ordinary logits, and every such lambda already picks the same greedy token.
+LAMBDA_MAX = 1.0e6
+
 
 class AlignConfigError(ValueError):
     """Bad alignment configuration or request parameters."""
 
 
-def finite_number(value: Any, name: str) -> float:
-    """``value`` as a float; refuses bools, non-numbers and non-finite values."""
+def finite_number(value: Any, name: str, bound: float = FLOAT32_MAX) -> float:
+    """``value`` as a float with ``|value| <= bound`` (default: the float32 range).
+
+    Refuses bools, non-numbers, NaN and infinities, and finite values beyond
+    ``bound``: a float64 such as 1e308 is finite in Python but not where the
+    engine computes.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise AlignConfigError(f"alignment {name!r} must be a number, got {value!r}")
     try:
         value = float(value)
     except OverflowError:  # an int beyond float range, e.g. a 400-digit JSON literal
         value = math.inf if value > 0 else -math.inf
-    if not math.isfinite(value):
-        raise AlignConfigError(f"alignment {name!r} must be finite, got {value!r}")
+    if not math.isfinite(value) or abs(value) > bound:
+        raise AlignConfigError(
+            f"alignment {name!r} must be finite and within [-{bound:.7g}, {bound:.7g}], "
+            f"got {value!r}")
     return value
+
+
+def unit_number(value: Any, name: str, *, low_open: bool, high_open: bool) -> float:
+    """A float in the unit interval, open or closed at either end, valid in float32.
+
+    A positive value below float32's smallest normal would become 0 (or a
+    denormal) in the engine, which the open lower end excludes: it is refused.
+    """
+    x = finite_number(value, name)
+    lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+    inside = (x > 0.0 if low_open else x >= 0.0) and (x < 1.0 if high_open else x <= 1.0)
+    if not inside or 0.0 < x < FLOAT32_TINY:
+        raise AlignConfigError(
+            f"alignment {name!r} must be in {lo}0, 1{hi}"
+            + (f" and 0 or at least {FLOAT32_TINY:.7g} (float32)" if inside else "")
+            + f", got {x!r}")
+    return x
 
 
 def json_object(spec: Any, what: str) -> Mapping:
@@ -54,6 +86,8 @@ def json_object(spec: Any, what: str) -> Mapping:
             spec = json.loads(spec)
         except json.JSONDecodeError as e:
             raise AlignConfigError(f"{what} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise AlignConfigError(f"{what} is nested too deeply") from None
     if not isinstance(spec, Mapping):
         raise AlignConfigError(
             f"{what} must be an object like {{\"method\": \"dera\", \"lambda\": 0.5}}, "
@@ -67,7 +101,8 @@ class AlignParams:
 
     Attributes:
         method: "none" (aligned model alone), "dera", "aad" or "mara".
-        lam: DeRa's lambda; 0 = reference, 1 = aligned, > 1 extrapolates.
+        lam: DeRa's lambda; 0 = reference, 1 = aligned, > 1 extrapolates;
+            ``|lam| <= LAMBDA_MAX``.
         alpha: AAD's plausibility threshold in (0, 1].
         entropy_threshold: AAD's tau, or None to always use the score gap.
         mara: MARA's settings (``vllm_align.mara.config.MaraParams``) when
@@ -105,12 +140,10 @@ class AlignParams:
                 f"allowed: {['method', *allowed]}")
         kwargs: dict[str, Any] = {"method": method}
         if "lambda" in spec:
-            kwargs["lam"] = finite_number(spec["lambda"], "lambda")
+            kwargs["lam"] = finite_number(spec["lambda"], "lambda", LAMBDA_MAX)
         if "alpha" in spec:
-            alpha = finite_number(spec["alpha"], "alpha")
-            if not 0.0 < alpha <= 1.0:
-                raise AlignConfigError(f"alignment 'alpha' must be in (0, 1], got {alpha!r}")
-            kwargs["alpha"] = alpha
+            kwargs["alpha"] = unit_number(spec["alpha"], "alpha", low_open=True,
+                                          high_open=False)
         if spec.get("entropy_threshold") is not None:
             tau = finite_number(spec["entropy_threshold"], "entropy_threshold")
             if tau < 0:

@@ -21,6 +21,8 @@ import torch
 NONE, DERA, AAD, MARA = 0, 1, 2, 3
 METHOD_CODES = {"none": NONE, "dera": DERA, "aad": AAD, "mara": MARA}
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
 # Tokens outside V_alpha get this offset instead of -inf: a structured-output
 # mask is applied after us, and if it removes all of V_alpha the sequence must
 # still get the best allowed token by pi_dpo rather than an all -inf row.
@@ -35,11 +37,14 @@ def dera_logits(aligned: torch.Tensor, reference: torch.Tensor,
         aligned, reference: [B, V] float32 logits.
         lam: [B] float32; 0 = reference, 1 = aligned, > 1 extrapolates.
     Returns:
-        [B, V] float32 mixed logits. Mixing raw logits equals mixing
-        log-softmaxes up to a per-row constant, which softmax ignores.
+        [B, V] float32 mixed logits, finite wherever the inputs are. Mixing
+        raw logits equals mixing log-softmaxes up to a per-row constant,
+        which softmax ignores.
     """
-    lam = lam.unsqueeze(1)
-    return torch.lerp(reference, aligned, lam)
+    mixed = torch.lerp(reference, aligned, lam.unsqueeze(1))
+    # |lam| is bounded at the edge (config.LAMBDA_MAX); logits of extreme
+    # magnitude could still overflow, and an inf would become NaN in softmax.
+    return mixed.clamp_(-FLOAT32_MAX, FLOAT32_MAX)
 
 
 def aad_scores(aligned: torch.Tensor, reference: torch.Tensor,

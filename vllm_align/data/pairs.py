@@ -288,9 +288,7 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
     own_llm = llm is None
     if own_llm:
         llm = build_llm(model, reference_model, dtype=dtype, seed=seed,
-                        max_model_len=max_model_len, llm_kwargs=llm_kwargs,
-                        seeded_sampling=chosen_spec.temperature > 0
-                        or rejected_spec.temperature > 0)
+                        max_model_len=max_model_len, llm_kwargs=llm_kwargs)
 
     # Enough prompts in flight to refill every finished sequence's slot at once
     # (2 requests per prompt: up to twice the engine's running batch).

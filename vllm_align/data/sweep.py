@@ -299,8 +299,7 @@ def run_sweep(cfg: SweepConfig) -> list[SweepRow]:
     from vllm_align.data.engine import build_llm
 
     llm = build_llm(cfg.model, cfg.reference_model, dtype=cfg.dtype, seed=cfg.seed,
-                    max_model_len=cfg.max_model_len, seeded_sampling=cfg.temperature > 0,
-                    llm_kwargs=cfg.llm_kwargs)
+                    max_model_len=cfg.max_model_len, llm_kwargs=cfg.llm_kwargs)
     try:
         gen = generate_grid(llm, cfg, items)
     finally:

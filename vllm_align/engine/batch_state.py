@@ -1,15 +1,13 @@
 """Per-sequence alignment parameters as preallocated batched tensors.
 
-``AlignBatchState`` is a V1 ``LogitsProcessor`` (registered through the
-``vllm.logits_processors`` entry point, so every engine where the plugin is
-installed has one). It does not touch the logits itself: vLLM computes raw
+``AlignBatchState`` is a V1 ``LogitsProcessor``, loaded by engines with
+alignment configuration only (``patches/engine_args.py`` adds it to their
+``logits_processors``; a plain engine never loads it). It does not touch the logits itself: vLLM computes raw
 logprobs *before* logits processors run, and returned logprobs must describe
 the distribution actually used. So the rule is applied inside the pair
 model's ``compute_logits`` (see ``pair_model.py``), which reads the tensors
 kept here. This class only:
 
-* validates each request's ``extra_args["align"]`` shape in the API process
-  (``validate_params``),
 * mirrors the persistent batch: rows are written when requests join, moved
   when vLLM condenses or reorders the batch, all from ``BatchUpdate`` diffs,
 * flags the next ``compute_logits`` call of a step as the sampling call (the
@@ -19,12 +17,11 @@ kept here. This class only:
 from __future__ import annotations
 
 import torch
-from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import (BatchUpdate, LogitsProcessor,
                                              MoveDirectionality)
 
 from vllm_align import methods
-from vllm_align.config import EXTRA_ARGS_KEY, AlignParams, EngineAlignConfig
+from vllm_align.config import AlignParams, EngineAlignConfig
 from vllm_align.engine.mara_rows import MaraRows, StepResult
 
 # One engine core per worker process; the pair model finds the state of the
@@ -43,12 +40,6 @@ class AlignBatchState(LogitsProcessor):
         method: [N] int8 method codes (``methods.NONE``...).
         lam, alpha, entropy_threshold: [N] float32 (tau < 0 = disabled).
     """
-
-    @classmethod
-    def validate_params(cls, sampling_params: SamplingParams) -> None:
-        spec = (sampling_params.extra_args or {}).get(EXTRA_ARGS_KEY)
-        if spec is not None:
-            AlignParams.parse(spec)
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         self.config = EngineAlignConfig.parse(vllm_config.additional_config)
@@ -71,6 +62,8 @@ class AlignBatchState(LogitsProcessor):
             n, vllm_config.model_config.get_vocab_size(), device, is_pin_memory,
             list(self.config.mara_agents))
         self.discard: torch.Tensor | None = None
+        self.discard_cpu = None
+        self.generators: dict[int, torch.Generator] = {}
         self.mara_result: StepResult | None = None
         _STATES[id(vllm_config)] = self
 
@@ -121,6 +114,12 @@ class AlignBatchState(LogitsProcessor):
         if self.mara is not None:
             self.mara.write_row(index, params.mara)
 
+    # -- set by the runner each step (patches/model_runner.py) -------------
+    def set_step_inputs(self, discard: torch.Tensor, discard_cpu, generators) -> None:
+        """The step's partial-prefill rows ([B] bool, device and host numpy) and
+        vLLM's {row: generator} of the seeded requests."""
+        self.discard, self.discard_cpu, self.generators = discard, discard_cpu, generators
+
     # -- used by the pair model -----------------------------------------
     @property
     def needs_reference(self) -> bool:
@@ -154,7 +153,10 @@ class AlignBatchState(LogitsProcessor):
         """
         n = aligned.shape[0]
         is_mara = self._dev["method"][:n] == methods.MARA
+        is_mara_cpu = self._cpu["method"][:n] == methods.MARA
         if self.discard is not None:  # partial prefills: vLLM drops their output
             is_mara = is_mara & ~self.discard[:n].to(is_mara.device)
-        out, self.mara_result = self.mara.step(aligned, hidden, is_mara, agents, others)
+            is_mara_cpu = is_mara_cpu & ~torch.from_numpy(self.discard_cpu[:n])
+        uniform = self.mara.decision_uniforms(n, is_mara_cpu, self.generators)
+        out, self.mara_result = self.mara.step(aligned, hidden, is_mara, agents, others, uniform)
         return out

@@ -29,7 +29,7 @@ once per step (``StepResult``).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -147,8 +147,32 @@ class MaraRows:
         self.max_k = k
 
     # -- one engine step ---------------------------------------------------
+    def decision_uniforms(self, num_rows: int, is_mara_cpu: torch.Tensor,
+                          generators: Mapping[int, torch.Generator]) -> torch.Tensor:
+        """[B] U[0, 1) draws for sampled decisions, a seeded request's from its own generator.
+
+        A seeded row draws exactly once per step in which it judges a
+        candidate with sampled decisions (host-known: its pending flag and
+        parameters), so its decisions depend on its seed alone, whatever else
+        shares the batch. Like vLLM's sampler, the seeded rows are visited one
+        by one; unseeded rows share one draw from the global generator.
+
+        Args:
+            num_rows: B; is_mara_cpu: [B] bool host mask of the MARA rows kept
+                this step; generators: vLLM's {row: generator} of seeded rows.
+        """
+        uniform = torch.rand(num_rows, device=self.device)
+        if generators:
+            judging = (is_mara_cpu & self.pending_cpu[:num_rows]
+                       & self.params_cpu["sampled"][:num_rows])
+            for row, generator in generators.items():
+                if row < num_rows and judging[row]:
+                    uniform[row] = torch.rand((), generator=generator, device=generator.device)
+        return uniform
+
     def step(self, logits: torch.Tensor, hidden: torch.Tensor, is_mara: torch.Tensor,
-             agents: Sequence[MaraAgent], others: torch.Tensor) -> tuple[torch.Tensor, StepResult]:
+             agents: Sequence[MaraAgent], others: torch.Tensor,
+             uniform: torch.Tensor) -> tuple[torch.Tensor, StepResult]:
         """Judge each MARA row's fed candidate and choose what it feeds next.
 
         Args:
@@ -157,6 +181,7 @@ class MaraRows:
             is_mara: [B] bool, MARA rows whose output this step is kept.
             agents: the engine's agents, indexed by the ``agent`` codes.
             others: [B, V] float32 logits for the non-MARA rows (their rules).
+            uniform: [B] U[0, 1) draws for sampled decisions (``decision_uniforms``).
         Returns:
             ``(out, result)``: ``out`` [B, V] float32 logits, one-hot (0 at the
             token to sample, −inf elsewhere) on MARA rows so that vLLM's sampler
@@ -173,7 +198,6 @@ class MaraRows:
             # One agent: every row at once, no host sync to gather its rows.
             a = agent.accept_prob(hidden)
             accept_prob = a if len(agents) == 1 else torch.where(p["agent"] == code, a, accept_prob)
-        uniform = torch.rand(b, device=logits.device)
         walk = walk_step(s["index"], s["n_valid"], accept_prob, p["threshold"],
                          p["fallback_last"], p["sampled"], uniform)
         done = walk.done | s["forced"]

@@ -21,9 +21,11 @@ import os
 from dataclasses import dataclass
 from typing import Any, Collection, Mapping
 
-from vllm_align.config import AlignConfigError, finite_number
+from vllm_align.config import AlignConfigError, unit_number
 
 DEFAULT_AGENT = "default"
+# Larger k act as the vocabulary size; beyond int32 a k is refused, not carried.
+TOP_K_MAX = 2**31 - 1
 FALLBACKS = ("last", "first")
 DECISIONS = ("greedy", "sampled")
 MARA_KEYS = ("agent", "top_k", "top_p", "threshold", "fallback", "decisions")
@@ -97,17 +99,15 @@ class MaraParams:
             k = spec["top_k"]
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
                 raise AlignConfigError(f"alignment 'top_k' must be an integer >= 1, got {k!r}")
+            if k > TOP_K_MAX:
+                raise AlignConfigError(f"alignment 'top_k' must be at most {TOP_K_MAX} (any k "
+                                       f"above the vocabulary size acts as it), got {k!r}")
             kwargs["top_k"] = k
         if "top_p" in spec:
-            p = finite_number(spec["top_p"], "top_p")
-            if not 0.0 < p <= 1.0:
-                raise AlignConfigError(f"alignment 'top_p' must be in (0, 1], got {p!r}")
-            kwargs["top_p"] = p
+            kwargs["top_p"] = unit_number(spec["top_p"], "top_p", low_open=True, high_open=False)
         if "threshold" in spec:
-            t = finite_number(spec["threshold"], "threshold")
-            if not 0.0 <= t < 1.0:
-                raise AlignConfigError(f"alignment 'threshold' must be in [0, 1), got {t!r}")
-            kwargs["threshold"] = t
+            kwargs["threshold"] = unit_number(spec["threshold"], "threshold", low_open=False,
+                                              high_open=True)
         if "fallback" in spec:
             kwargs["fallback"] = _choice(spec["fallback"], "fallback", FALLBACKS)
         if "decisions" in spec:

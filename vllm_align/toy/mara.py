@@ -78,16 +78,14 @@ RUNS: dict[str, Run] = {
 def build_engine(agent, *, seed: int = 0, **llm_kwargs: Any):
     """``vllm.LLM`` serving the agent's LLM (the SFT model) with agents "trained", "untrained".
 
-    ``agent`` is a ``vllm_align.train.toy.ToyAgent``. Chunked prefill is off on
-    CPU because plain sampling rows are seeded (``vllm_align.data.engine``).
+    ``agent`` is a ``vllm_align.train.toy.ToyAgent``.
     """
     from vllm_align.data.engine import build_llm
 
     config = {"align": {"mara_agents": {"trained": str(agent.trained),
                                         "untrained": str(agent.untrained)}}}
     return build_llm(str(agent.model), None, dtype="float32", seed=seed,
-                     max_model_len=MAX_MODEL_LEN, seeded_sampling=True,
-                     llm_kwargs={"additional_config": config, **llm_kwargs})
+                     max_model_len=MAX_MODEL_LEN, llm_kwargs={"additional_config": config, **llm_kwargs})
 
 
 def decode_runs(llm, prompt_ids: Sequence[Sequence[int]], runs: Mapping[str, Run] = RUNS, *,

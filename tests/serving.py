@@ -1,0 +1,97 @@
+"""Starting and stopping a real `vllm serve` on loopback for the server tests."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import requests
+
+STARTUP_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    vllm = str(Path(sys.executable).with_name("vllm"))
+    cmd = [vllm, "serve", *args, "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8"]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"server did not start in {STARTUP_S}s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+def agent_file(tiny_pair, path: Path, width_delta: int = 0) -> tuple[object, str]:
+    from transformers import AutoConfig
+
+    from vllm_align.mara.agent import random_agent, save_agent
+
+    hidden = AutoConfig.from_pretrained(tiny_pair[0]).hidden_size + width_delta
+    agent = random_agent(hidden, seed=1)
+    return agent, str(save_agent(agent, path))
+
+
+PROMPT, MAX_TOKENS = "the cat sat on", 8
+
+
+def complete(client, model, alignment=None, **kw):
+    """A greedy completion of PROMPT (MAX_TOKENS tokens, EOS ignored, token ids returned)."""
+    extra = {"ignore_eos": True, "return_token_ids": True}
+    if alignment is not None:
+        extra["alignment"] = alignment
+    return client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS,
+                                     temperature=0, extra_body=extra, **kw)
+
+
+def ids(completion) -> list[int]:
+    return list(completion.choices[0].token_ids)
+
+
+def hf_greedy_ids(tiny_pair) -> dict[str, list[int]]:
+    """Greedy ids of PROMPT by the aligned and reference models alone, by plain HF forwards."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt = AutoTokenizer.from_pretrained(tiny_pair[0])(PROMPT).input_ids
+
+    def greedy(path: str) -> list[int]:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(MAX_TOKENS):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        return ids[len(prompt):]
+
+    return {"aligned": greedy(tiny_pair[0]), "reference": greedy(tiny_pair[1])}
