@@ -12,7 +12,7 @@ SHIM   := tools/vllm-cpu-shim
 VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_CPU_KVCACHE_SPACE
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench toy-assets clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,10 @@ demo: venv
 
 bench: venv
 	$(PY) benchmarks/bench_align.py
+
+# Rebuild the shipped toy world and agent; says whether the recipe reproduces them.
+toy-assets: venv
+	$(PY) -m vllm_align.cli.main toy-assets $(TOY_ASSETS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache $(SHIM)/build $(SHIM)/*.egg-info

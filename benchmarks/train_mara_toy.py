@@ -2,7 +2,7 @@
 
     python benchmarks/train_mara_toy.py [--out-dir .cache/mara-toy] [--docs docs/mara-training]
 
-Builds (or reuses) the toy world, trains with ``vllm_align.train.toy.ToySettings``,
+Uses the shipped toy world (``vllm_align.toy.shipped``; ``--world-dir`` for another), trains with ``vllm_align.train.toy.ToySettings``,
 evaluates plain greedy decoding, MARA with the untrained agent and MARA with
 the trained agent on the 64 held-out prompts, and writes into ``--docs``:
 ``metrics.csv`` (one row per rollout), ``learning_curve.png`` and ``RESULTS.md``.
@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 
 from vllm_align.train.metrics import plot_curve
-from vllm_align.train.toy import DEFAULT_WORLD_DIR, ToySettings, run_toy
+from vllm_align.toy.shipped import ASSETS_DIR
+from vllm_align.train.toy import ToySettings, run_toy
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default=".cache/mara-toy")
-    parser.add_argument("--world-dir", default=str(DEFAULT_WORLD_DIR))
+    parser.add_argument("--world-dir", default=str(ASSETS_DIR))
     parser.add_argument("--docs", default="docs/mara-training")
     args = parser.parse_args()
     out, docs = Path(args.out_dir), Path(args.docs)

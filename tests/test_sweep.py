@@ -6,8 +6,7 @@ given as a ``module:function`` callable. tests/test_toy_world.py measured the
 same decoding (greedy, 96 tokens): reward strictly rising with lambda, AAD
 above greedy DPO (lambda 1), neighbouring values about 0.02 or more apart.
 
-The world is built (1.5-2.5 min) or reused in the repository's
-``.cache/toy-world``; ``VLLM_ALIGN_TOY_WORLD_DIR`` moves it.
+The world is the one shipped in the repository (``vllm_align.toy.shipped``).
 """
 
 from __future__ import annotations
@@ -15,24 +14,22 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import statistics
 from pathlib import Path
 
 import pytest
 
 from vllm_align.cli.main import main
+from vllm_align.toy import shipped
 from vllm_align.toy import world as toy
 
-WORLD_DIR = Path(os.environ.get("VLLM_ALIGN_TOY_WORLD_DIR",
-                                Path(__file__).resolve().parents[1] / ".cache" / "toy-world"))
 REWARD = "vllm_align.toy.world:polite_pair_reward"
 GRID = [("dera", 0.0), ("dera", 0.5), ("dera", 1.0), ("dera", 2.0), ("aad", 0.1)]
 
 
 @pytest.fixture(scope="module")
 def world() -> toy.ToyWorld:
-    return toy.build_toy_world(WORLD_DIR, seed=0)
+    return shipped.world()
 
 
 @pytest.fixture(scope="module")

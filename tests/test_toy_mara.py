@@ -52,29 +52,25 @@ minute on a busy machine) and seconds of decoding.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 from vllm_align.toy import mara as toy_mara
+from vllm_align.toy import shipped
 from vllm_align.toy import world as toy
-from vllm_align.train.toy import ToySettings, evaluate_agent, polite_count, toy_agent
+from vllm_align.train.toy import ToySettings, evaluate_agent, polite_count
 
-WORLD_DIR = Path(os.environ.get("VLLM_ALIGN_TOY_WORLD_DIR",
-                                Path(__file__).resolve().parents[1] / ".cache" / "toy-world"))
 MARGIN_WORDS, MARGIN_FRACTION = 0.5, 0.1
 
 
 @pytest.fixture(scope="module")
 def agent():
-    return toy_agent(WORLD_DIR)
+    return shipped.agent()
 
 
 @pytest.fixture(scope="module")
 def outputs(agent):
     """Run name -> per repeat, one CompletionOutput per held-out prompt (one generate call)."""
-    world = toy.build_toy_world(WORLD_DIR, seed=0)
+    world = shipped.world()
     llm = toy_mara.build_engine(agent)
     try:
         yield toy_mara.decode_runs(llm, world.prompt_token_ids(llm.get_tokenizer()))

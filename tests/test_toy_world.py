@@ -12,24 +12,22 @@ Measured with seeds 0-3 (mean reward over 64 prompts): lambda 0 -> 0.02-0.04,
 Neighbouring values differ by about 0.02 or more: some 25 of the 256 polite/plain
 slot choices (4 per answer) would have to go the other way to break an order.
 
-The build takes 1.5-2.5 minutes the first time (more on a busy machine) and is
-cached, stamped by its recipe, in the repository's ``.cache/toy-world``, which
-``make demo`` shares; ``VLLM_ALIGN_TOY_WORLD_DIR`` moves it.
+The world is the one shipped in the repository (``vllm_align.toy.shipped``,
+what ``make demo`` decodes); ``vllm-align toy-assets`` rebuilds it.
 """
 
 from __future__ import annotations
 
-import os
 import re
+import shutil
 import statistics
 from pathlib import Path
 
 import pytest
 
+from vllm_align.toy import shipped
 from vllm_align.toy import world as toy
 
-WORLD_DIR = Path(os.environ.get("VLLM_ALIGN_TOY_WORLD_DIR",
-                                Path(__file__).resolve().parents[1] / ".cache" / "toy-world"))
 LAMBDAS = (0.0, 0.5, 1.0, 2.0)
 METHODS = {
     **{f"dera {lam}": {"method": "dera", "lambda": lam} for lam in LAMBDAS},
@@ -40,7 +38,7 @@ METHODS = {
 
 @pytest.fixture(scope="module")
 def world() -> toy.ToyWorld:
-    return toy.build_toy_world(WORLD_DIR, seed=0)
+    return shipped.world()
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +77,20 @@ def test_eval_prompts_are_held_out():
     assert not {p for p, _ in toy.toy_corpus(5000, seed=0)} & set(prompts)
 
 
-def test_build_is_stamped_and_reused(world):
-    again = toy.build_toy_world(WORLD_DIR, seed=0)
-    assert (again.sft_path, again.dpo_path, again.prompts) == \
-        (world.sft_path, world.dpo_path, world.prompts)
-    for path in (world.sft_path, world.dpo_path):
-        assert (Path(path) / "model.safetensors").is_file()
+def test_build_is_stamped_and_reused(world, tmp_path):
+    """A built world (here a copy of the shipped one) is reused, not rebuilt; a stale stamp
+    is noticed."""
+    for name in ("sft", "dpo", "stamp.json"):
+        src = Path(world.sft_path).parent / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    made = (tmp_path / "sft" / "model.safetensors").stat().st_mtime_ns
+    again = toy.build_toy_world(tmp_path, seed=0)
+    assert again.prompts == world.prompts and again.sft_path == str(tmp_path / "sft")
+    assert (tmp_path / "sft" / "model.safetensors").stat().st_mtime_ns == made
+    for path in (again.sft_path, again.dpo_path):
         assert (Path(path) / "tokenizer.json").is_file()
+    (tmp_path / "stamp.json").write_text('{"key": {"recipe_version": 0}}')
+    assert toy.read_toy_world(tmp_path, seed=0) is None
 
 
 # -- through the engine -----------------------------------------------------
@@ -120,3 +125,26 @@ def test_answers_are_readable_and_finish(world, outputs):
         words = [w.lower() for o in outs for w in _KNOWN_WORD.findall(o.text)]
         unknown = [w for w in words if w not in vocab]
         assert len(unknown) <= 0.01 * len(words), (name, unknown[:10])
+
+
+# -- the shipped artefacts ----------------------------------------------------
+
+def test_shipped_world_and_agent_load_and_the_rebuild_check_compares_bytes(tmp_path):
+    """The demo's and tests' default models are the shipped ones; `vllm-align toy-assets`
+    compares a build with them file by file (here a copy stands in for a fresh build)."""
+    from vllm_align.cli.main import main
+    from vllm_align.mara.agent import load_agent
+
+    world, agent = shipped.world(), shipped.agent()
+    assert Path(world.sft_path).parent == shipped.ASSETS_DIR
+    assert agent.model == Path(world.sft_path) and agent.stats["episodes"] == 2048
+    assert load_agent(agent.trained, expected_hidden_size=128) is not None
+    build = tmp_path / "build"
+    shutil.copytree(shipped.ASSETS_DIR, build)
+    assert main(["toy-assets", "--work-dir", str(build)]) == 0
+    weights = build / "mara-agent" / "agent.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    lines = []
+    assert shipped.rebuild(work_dir=build, log=lines.append) is False
+    assert any(line.split() == ["DIFFERS", "mara-agent/agent.safetensors"] for line in lines)
+    assert lines[-1].startswith("1 of 8 files differ")

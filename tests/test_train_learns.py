@@ -29,21 +29,28 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
+import shutil
 from pathlib import Path
 from statistics import fmean
 
 import pytest
 
+from vllm_align.toy import shipped
 from vllm_align.train.toy import ToySettings, evaluate_agent, toy_agent
 
-WORLD_DIR = Path(os.environ.get("VLLM_ALIGN_TOY_WORLD_DIR",
-                                Path(__file__).resolve().parents[1] / ".cache" / "toy-world"))
+
+def _copy_world(dst: Path) -> Path:
+    """A writable copy of the shipped world's models (no agent)."""
+    for name in ("sft", "dpo", "stamp.json"):
+        src = shipped.ASSETS_DIR / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst / name)
+    return dst
 
 
 @pytest.fixture(scope="module")
-def agent():
-    return toy_agent(WORLD_DIR, ToySettings())
+def agent(tmp_path_factory):
+    """The toy agent trained from scratch (not the shipped one) on the shipped SFT model."""
+    return toy_agent(_copy_world(tmp_path_factory.mktemp("world")), ToySettings())
 
 
 def test_trained_agent_beats_untrained_agent_and_plain_decoding(agent):
@@ -67,18 +74,11 @@ def test_learning_curve_rises(agent):
 
 def test_toy_agent_is_cached_and_stamped(tmp_path):
     """A second call reuses the agent; other settings or other SFT weights retrain it."""
-    import shutil
-
-    from vllm_align.toy.world import build_toy_world
-
-    world = build_toy_world(WORLD_DIR, seed=0)
-    for name in ("sft", "dpo", "tokenizer", "stamp.json"):  # a copy of the built world
-        src = WORLD_DIR / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    _copy_world(tmp_path)
     tiny = ToySettings(episodes=64, learning_starts=64, batch_size=32, num_train_prompts=64)
     first = toy_agent(tmp_path, tiny)
     assert first.stats["episodes"] == 64 and first.trained.is_file()
-    assert first.model == tmp_path / "sft" and Path(world.sft_path).name == "sft"
+    assert first.model == tmp_path / "sft"
     made = first.trained.stat().st_mtime_ns
     assert toy_agent(tmp_path, tiny) == first
     assert first.trained.stat().st_mtime_ns == made  # reused, not retrained

@@ -1,9 +1,10 @@
 """The vllm-align demo: the toy world decoded offline and through ``vllm serve``.
 
-1. Builds (or reuses) the toy world (``vllm_align.toy.world``): a tiny SFT
-   model, a DPO model trained from it to be polite, and the polite reward;
-   then trains (or reuses) a MARA agent on the SFT model with the SAC trainer
-   (``vllm_align.train.toy.toy_agent``, about 2 minutes the first time).
+1. Takes the toy world shipped in the repository (``vllm_align.toy.shipped``,
+   made by ``vllm_align.toy.world``): a tiny SFT model, a DPO model trained
+   from it to be polite, and the polite reward; and the MARA agent trained on
+   the SFT model with the SAC trainer (``vllm_align.train.toy.toy_agent``).
+   Nothing is built or trained: decoding starts at once.
 2. Offline: one ``vllm.LLM`` on the DPO model with the SFT model as reference
    and the trained agent decodes every held-out prompt with every method in
    ONE mixed batch; prints a few prompts side by side and the mean reward per
@@ -12,7 +13,7 @@
    On the same engine, a sweep (``vllm_align.data.sweep``, what ``vllm-align
    sweep`` runs) over DeRa lambda and AAD alpha with the polite reward as a
    Python callable; prints the table and writes the CSV and the reward-vs-lambda
-   PNG next to the world (``sweep/``).
+   PNG into the output directory (``sweep/``).
 3. MARA against its base LLM: a second ``vllm.LLM`` serving the SFT model, the
    model the agent was trained on, with the trained agent and the same run's
    untrained one; the SFT model alone (greedy, sampled) and MARA with either
@@ -66,13 +67,12 @@ SERVER_STARTUP_S = 300
 WIDTH = 100
 
 
-def default_world_dir() -> Path:
-    """``.cache/toy-world`` in the current directory (gitignored in the repository)."""
-    return Path.cwd() / ".cache" / "toy-world"
+def default_out_dir() -> Path:
+    """``.cache/demo`` in the current directory (gitignored in the repository)."""
+    return Path.cwd() / ".cache" / "demo"
 
 
-def main(out_dir: str | os.PathLike | None = None, *, seed: int = 0,
-         serve: bool = True) -> int:
+def main(out_dir: str | os.PathLike | None = None, *, serve: bool = True) -> int:
     """Run the demo; returns a process exit code."""
     # Tiny models need little KV cache; keep vLLM's log lines out of the tables.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -80,24 +80,24 @@ def main(out_dir: str | os.PathLike | None = None, *, seed: int = 0,
     # vLLM's engine processes inherit this (they start with spawn).
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
     started = time.monotonic()
-    out = Path(out_dir) if out_dir is not None else default_world_dir()
+    out = Path(out_dir) if out_dir is not None else default_out_dir()
+    out.mkdir(parents=True, exist_ok=True)
 
-    from vllm_align.toy.world import build_toy_world
+    from vllm_align.toy import shipped
 
-    _heading(f"Toy world in {out}")
-    world = build_toy_world(out, seed=seed, log=lambda line: print("  " + line, flush=True))
+    world = shipped.world()
+    _heading(f"Toy world (shipped in {shipped.ASSETS_DIR})")
     print(f"  SFT model: {world.sft_path}\n  DPO model: {world.dpo_path}")
     print(f"  reward: fraction of polite words; {len(world.prompts)} held-out prompts")
-    if "build_seconds" in world.stats:
-        print(f"  built in {world.stats['build_seconds']:.0f}s (cached for the next run)")
-    agent = _agent(out)
+    print(f"  built by `vllm-align toy-assets` in {world.stats['build_seconds']:.0f}s")
+    agent = _agent()
 
     shown = world.prompts[:SHOWN_PROMPTS]
     try:
-        offline = _offline(world, agent)
+        offline = _offline(world, agent, out)
         _mara_vs_base(world, agent)
         if serve:
-            served = _served(world, agent, shown)
+            served = _served(world, agent, shown, out)
             same = sum(served[p][name] == offline[p][name] for p in shown for name in METHODS)
             print(f"\nServed responses identical to the offline ones: {same}/"
                   f"{len(shown) * len(METHODS)}")
@@ -108,23 +108,24 @@ def main(out_dir: str | os.PathLike | None = None, *, seed: int = 0,
     return 0
 
 
-def _agent(world_dir: Path):
-    """Train (about 2 minutes, once) or reuse the toy MARA agent next to the world."""
-    from vllm_align.train.toy import ToySettings, toy_agent
+def _agent():
+    """The shipped toy MARA agent, trained on the SFT model."""
+    from vllm_align.toy import shipped
+    from vllm_align.train.toy import ToySettings
 
     settings = ToySettings()
     _heading("MARA agent: SAC on the SFT model (vllm-align train-mara)")
     print(f"  reward: number of polite words in a {settings.max_response_len}-token response; "
           f"{settings.episodes} training episodes", flush=True)
-    agent = toy_agent(world_dir, settings, log=lambda line: print("  " + line, flush=True))
+    agent = shipped.agent()
     print(f"  agent: {agent.trained}\n  (trained in {agent.stats['train_seconds']:.0f}s, "
           f"{agent.stats['updates']} SAC updates; learning curve: {agent.metrics_csv})")
     return agent
 
 
-def _offline(world, agent) -> dict[str, dict[str, str]]:
+def _offline(world, agent, out_dir: Path) -> dict[str, dict[str, str]]:
     """Decode all held-out prompts with all methods in one batch, then a lambda/alpha sweep
-    on the same engine (CSV + PNG next to the world); print; return the shown texts."""
+    on the same engine (CSV + PNG in ``out_dir``); print; return the shown texts."""
     import gc
 
     from vllm import LLM
@@ -144,7 +145,7 @@ def _offline(world, agent) -> dict[str, dict[str, str]]:
         outputs = generate_by_method(llm, prompt_ids, METHODS, max_tokens=MAX_TOKENS)
         seconds = time.monotonic() - t0
         # The sweep reuses this engine: its start-up is most of the demo's time.
-        sweep_cfg, sweep_items = _sweep_config(world)
+        sweep_cfg, sweep_items = _sweep_config(world, out_dir)
         sweep_gen = generate_grid(llm, sweep_cfg, sweep_items)
     finally:
         del llm
@@ -226,13 +227,13 @@ def _mara_vs_base(world, agent) -> None:
     sys.stdout.flush()
 
 
-def _sweep_config(world):
+def _sweep_config(world, out_dir: Path):
     """The demo's sweep: the held-out prompts as chat records, the rule reward as a callable."""
     from vllm_align.data.prompts import read_prompts
     from vllm_align.data.sweep import SweepConfig
     from vllm_align.toy.world import chat_messages
 
-    out = Path(world.dpo_path).parent / "sweep"
+    out = out_dir / "sweep"
     out.mkdir(exist_ok=True)
     prompts = out / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "messages": chat_messages(p)}) + "\n"
@@ -244,14 +245,14 @@ def _sweep_config(world):
     return cfg, read_prompts(prompts)
 
 
-def _served(world, agent, prompts: Sequence[str]) -> dict[str, dict[str, str]]:
+def _served(world, agent, prompts: Sequence[str], out_dir: Path) -> dict[str, dict[str, str]]:
     """Ask a live ``vllm serve`` the same prompts; print; return the texts."""
     import openai
 
     from vllm_align.toy.world import chat_messages
 
     _heading("Served: vllm serve --sampler align, per-request extra_body={'alignment': ...}")
-    log = Path(world.dpo_path).parent / "serve.log"
+    log = out_dir / "serve.log"
     with _server(world, agent, log) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 

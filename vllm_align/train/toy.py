@@ -43,8 +43,6 @@ from typing import Any, Callable, Optional, Sequence
 from vllm_align.toy import models as toy_models
 from vllm_align.toy import world as toy_world
 
-DEFAULT_WORLD_DIR = Path(__file__).resolve().parents[2] / ".cache" / "toy-world"
-
 
 def polite_reward(prompt: str, response: str) -> float:
     """Fraction of the response's words that are polite (the toy world's rule)."""
@@ -212,45 +210,69 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()  # ~1 MB of weights
 
 
-def toy_agent(world_dir: os.PathLike = DEFAULT_WORLD_DIR, settings: ToySettings = ToySettings(),
+def _agent_files(world_dir: Path) -> ToyAgent:
+    out = world_dir / AGENT_DIR
+    return ToyAgent(model=world_dir / "sft", trained=out / "agent.safetensors",
+                    untrained=out / UNTRAINED_FILE, metrics_csv=out / "metrics.csv", stats={})
+
+
+def _agent_key(agent: ToyAgent, settings: ToySettings) -> dict:
+    return {"recipe_version": AGENT_RECIPE_VERSION, "settings": dataclasses.asdict(settings),
+            "model_sha256": _sha256(agent.model / "model.safetensors")}
+
+
+def read_toy_agent(world_dir: os.PathLike,
+                   settings: ToySettings = ToySettings()) -> Optional[ToyAgent]:
+    """The agent trained by ``toy_agent(world_dir, settings)``, or None if there is none
+    for these settings and SFT weights (read-only: no lock, no training)."""
+    agent = _agent_files(Path(world_dir))
+    try:
+        saved = json.loads((agent.trained.parent / "stamp.json").read_text())
+    except (OSError, ValueError):
+        return None
+    files = (agent.model / "model.safetensors", agent.trained, agent.untrained,
+             agent.metrics_csv)
+    if not all(f.is_file() for f in files) or saved.get("key") != _agent_key(agent, settings):
+        return None
+    return dataclasses.replace(agent, stats=saved.get("stats", {}))
+
+
+def toy_agent(world_dir: os.PathLike, settings: ToySettings = ToySettings(),
               *, log: Optional[Callable[[str], None]] = None) -> ToyAgent:
     """Train (or reuse) the toy agent, cached in ``world_dir/mara-agent``.
 
     Like ``build_toy_world``: the directory is stamped with the settings, the
     recipe version and the SFT weights' hash, so a changed recipe or a rebuilt
     world retrains, and an identical call returns at once; a file lock makes
-    concurrent callers (test modules, the demo) wait for one training instead
-    of racing. About 2 minutes on 2 idle CPU cores the first time (after the
-    world's own 1.5-2.5 minutes if it is not built yet). Only the final
-    checkpoint is kept. ``log`` receives progress lines (default: silent; the
-    trainer's own console lines go to stdout).
+    concurrent callers wait for one training instead of racing. About 2
+    minutes on 2 idle CPU cores (after the world's own 1.5-2.5 minutes if it
+    is not built yet), byte for byte the same agent on a given machine. Only
+    the final checkpoint is kept. ``log`` receives progress lines (default:
+    silent; the trainer's own console lines go to stdout). The repository
+    ships one trained agent (``vllm_align.toy.shipped``).
     """
+    agent = read_toy_agent(world_dir, settings)
+    if agent is not None:
+        return agent
     log = log or (lambda line: None)
     world_dir = Path(world_dir)
-    world = toy_world.build_toy_world(world_dir, seed=0, log=log)
-    model = Path(world.sft_path)
-    out = world_dir / AGENT_DIR
-    key = {"recipe_version": AGENT_RECIPE_VERSION, "settings": dataclasses.asdict(settings),
-           "model_sha256": _sha256(model / "model.safetensors")}
-    stamp = out / "stamp.json"
-    agent = ToyAgent(model=model, trained=out / "agent.safetensors",
-                     untrained=out / UNTRAINED_FILE, metrics_csv=out / "metrics.csv", stats={})
+    toy_world.build_toy_world(world_dir, seed=0, log=log)
+    agent = _agent_files(world_dir)
+    out = agent.trained.parent
     with toy_models._locked(world_dir / ".mara-agent.lock"):
-        try:
-            saved = json.loads(stamp.read_text())
-        except (OSError, ValueError):
-            saved = {}
-        files = (agent.trained, agent.untrained, agent.metrics_csv)
-        if saved.get("key") == key and all(f.is_file() for f in files):
-            return dataclasses.replace(agent, stats=saved.get("stats", {}))
+        done = read_toy_agent(world_dir, settings)  # another process may have trained it
+        if done is not None:
+            return done
         shutil.rmtree(out, ignore_errors=True)  # stale or torn: the stamp is written last
         log(f"training the toy MARA agent into {out} ({settings.episodes} episodes)")
         # One checkpoint, at the end: the cache keeps the agent, not a resumable run.
         result = _train(world_dir, out, settings, checkpoint_every=settings.episodes)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # ~20 MB of replay buffer
         stats = {"episodes": result.episodes, "transitions": result.transitions,
                  "updates": result.updates, "train_seconds": round(result.elapsed_s, 1)}
-        stamp.write_text(json.dumps({"key": key, "stats": stats}, indent=2, sort_keys=True)
-                         + "\n")
+        (out / "stamp.json").write_text(json.dumps(
+            {"key": _agent_key(agent, settings), "stats": stats}, indent=2, sort_keys=True)
+            + "\n")
         log(f"trained in {result.elapsed_s:.0f}s (cached for the next run)")
     return dataclasses.replace(agent, stats=stats)
 
@@ -290,7 +312,7 @@ def evaluate_agent(agent: ToyAgent, settings: ToySettings = ToySettings(), *,
         torch.set_num_threads(threads)
 
 
-def run_toy(out_dir: os.PathLike, world_dir: os.PathLike = DEFAULT_WORLD_DIR,
+def run_toy(out_dir: os.PathLike, world_dir: os.PathLike,
             settings: ToySettings = ToySettings(), log=print) -> dict[str, Any]:
     """Build/reuse the toy world, train a FRESH agent into ``out_dir``, evaluate it.
 
