@@ -10,19 +10,31 @@ response (``vllm_align.train.toy``). After training with fixed seeds, on the
 * MARA with greedy decisions (the served default) beats plain greedy decoding;
 * the training curve rises.
 
-Measured (seed 0; docs/mara-training/RESULTS.md), mean polite words per
-response: plain greedy 0.27, plain sampling 0.38, untrained MARA sampled 0.32;
-trained MARA sampled 1.55, greedy 1.94. The margins asserted below are a third
-of those gaps or less. (The untrained agent with greedy decisions scores 1.80
-for a reason unrelated to learning, see ``vllm_align.train.toy``; not asserted.)
+Training is deterministic on one machine (two fresh trainings at seed 0: the
+same agent byte for byte, also under load); another CPU may round differently
+and train another agent. The margins therefore come from the spread of four
+fresh trainings, seeds 0-3 (measured 2026-12-01 on this 2-core machine; mean
+polite words per response on the held-out prompts):
 
-The toy world is built once (1.5-2.5 minutes) and cached in the repository's
-``.cache/toy-world`` (shared with test_toy_world.py; ``VLLM_ALIGN_TOY_WORLD_DIR``
-moves it). The agent is trained once (about 2 minutes on 2 idle cores) and
-cached next to it (``toy_agent``: stamped by the settings, the recipe and the
-SFT weights), shared with test_toy_mara.py, which runs it in the engine; the
-learning curve checked here is that training's metrics.csv. The HF evaluation
-takes seconds.
+===================================  ====  ====  ====  ====  =========
+run                                  s0    s1    s2    s3    min gap
+===================================  ====  ====  ====  ====  =========
+plain greedy / plain sampling        0.27 / 0.38 (no agent)
+untrained MARA, sampled              0.32  0.30  0.30  0.28
+trained MARA, sampled                1.55  1.10  1.05  1.08  0.68
+trained MARA, greedy                 1.94  1.72  1.31  1.17  0.91
+learning curve, last - first quarter 0.77  0.70  0.55  0.72  0.55
+===================================  ====  ====  ====  ====  =========
+
+("min gap": to the best baseline, plain or untrained.) The asserted margins are
+about half the smallest gap: 0.35, 0.45 and 0.3. (The untrained agent with greedy
+decisions scores 0.23-1.80 for a reason unrelated to learning, see
+``vllm_align.train.toy``; not asserted.)
+
+The agent is trained here from scratch (about 2 minutes on 2 idle cores) on a
+copy of the shipped SFT model; the shipped agent (``vllm_align.toy.shipped``) is
+what the seed-0 training produces on this machine. The HF evaluation takes
+seconds.
 """
 
 from __future__ import annotations
@@ -56,8 +68,8 @@ def agent(tmp_path_factory):
 def test_trained_agent_beats_untrained_agent_and_plain_decoding(agent):
     r = {k: v["reward"] for k, v in evaluate_agent(agent, ToySettings()).items()}
     baseline = max(r["untrained sampled"], r["plain greedy"], r["plain sampling"])
-    assert r["trained sampled"] > baseline + 0.4, r
-    assert r["trained greedy"] > r["plain greedy"] + 0.4, r
+    assert r["trained sampled"] > baseline + 0.35, r
+    assert r["trained greedy"] > r["plain greedy"] + 0.45, r
 
 
 def test_learning_curve_rises(agent):
@@ -68,7 +80,7 @@ def test_learning_curve_rises(agent):
     quarter = len(rows) // 4
     first = fmean(float(r["reward"]) for r in rows[:quarter])
     last = fmean(float(r["reward"]) for r in rows[-quarter:])
-    assert last > first + 0.4, (first, last)
+    assert last > first + 0.3, (first, last)
     assert int(rows[-1]["updates"]) > 0 and float(rows[-1]["entropy"]) < 0.69
 
 
