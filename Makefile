@@ -27,8 +27,10 @@ $(STAMP): pyproject.toml Makefile $(SHIM)/pyproject.toml
 	$(PY) -m pip install -e '.[test]'
 	touch $@
 
+# Two workers, a file at a time (engine and server fixtures are per file): most of a
+# test's time is single-threaded process start-up, so 2 cores run two files at once.
 test: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 demo: venv
 	$(PY) examples/demo.py

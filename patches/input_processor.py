@@ -13,6 +13,7 @@ Written for vLLM 0.32.
 from __future__ import annotations
 
 from vllm.exceptions import VLLMValidationError
+from vllm.sampling_params import SamplingType
 from vllm.v1.engine.input_processor import InputProcessor
 
 from vllm_align.config import AlignConfigError, EngineAlignConfig
@@ -23,7 +24,7 @@ class AlignRequestError(VLLMValidationError, ValueError):
     """A refused alignment request: HTTP 400 served, a ValueError offline."""
 
 
-def check_mara_sampling(params) -> None:
+def check_mara_sampling(params, mara) -> None:
     """Refuse sampling parameters that MARA's walk cannot honour.
 
     A MARA sequence emits the candidate its agent accepts; vLLM's sampler is
@@ -47,6 +48,12 @@ def check_mara_sampling(params) -> None:
     if bad:
         raise AlignConfigError(f"alignment method 'mara' does not support {', '.join(bad)} "
                                "(the agent's accepted candidate is emitted as is)")
+    if mara.sampled and params.seed is not None and params.sampling_type == SamplingType.GREEDY:
+        # Sampled decisions draw from the request's seeded generator, which vLLM
+        # keeps only for a sampling (temperature > 0) request.
+        raise AlignConfigError(
+            "alignment method 'mara' with sampled decisions and a seed needs temperature > 0 "
+            "(it does not change MARA's choice; vLLM keeps no seeded generator at temperature 0)")
 
 
 class InputProcessorPatch(VllmPatch):
@@ -69,7 +76,7 @@ class InputProcessorPatch(VllmPatch):
                     raise AlignConfigError(
                         f"alignment method {rule.method!r} is not available with {unsupported}")
                 if rule.method == "mara":
-                    check_mara_sampling(params)
+                    check_mara_sampling(params, rule.mara)
             except AlignConfigError as e:
                 raise AlignRequestError(str(e), parameter="alignment") from None
             stock(params)

@@ -6,6 +6,19 @@ import pytest
 
 # Tiny models need little KV cache; vLLM's CPU default would reserve several GiB.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Tests look into the workers with collective_rpc(lambda worker: ...).
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+# The suite runs on 2 pytest-xdist workers, a file at a time (Makefile); files that take
+# minutes start first so that neither worker is left with a long one at the end.
+SLOW_FIRST = ("test_train_learns.py", "test_server.py", "test_toy_mara.py", "test_engine.py",
+              "test_sweep.py", "test_generate_pairs.py", "test_toy_world.py",
+              "test_mara_engine.py", "test_engine_startup.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session")

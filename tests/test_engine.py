@@ -34,6 +34,15 @@ def hf_pair(tiny_pair):
     return hf_reference.load_pair(*tiny_pair)
 
 
+def test_engine_with_alignment_runs_v1_with_its_batch_state(pair_llm):
+    """The plugin picks vLLM's V1 runner for this engine alone and loads its batch state
+    in the workers (a plain engine: test_engine_startup.py)."""
+    assert pair_llm.llm_engine.vllm_config.use_v2_model_runner is False
+    loaded = pair_llm.collective_rpc(lambda worker: [
+        type(p).__name__ for p in worker.model_runner.input_batch.logitsprocs.all])
+    assert loaded and all("AlignBatchState" in names for names in loaded)
+
+
 def _random_ids(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(10, 1000) for _ in range(n)]
 

@@ -14,7 +14,7 @@ from vllm_align.toy.models import build_llama_pair
 
 def _start(aligned: str, align: dict) -> LLM:
     return LLM(model=aligned, additional_config={"align": align}, dtype="float32",
-               max_model_len=256)
+               max_model_len=256, enforce_eager=True)
 
 
 def test_vocabulary_size_mismatch_refused(tiny_pair, tmp_path):
@@ -58,10 +58,9 @@ def test_bad_engine_config_refused(tiny_pair, align, message):
     assert "\n" not in str(err.value)
 
 
-def test_engine_without_alignment_config_refuses_align_requests(tiny_pair, monkeypatch):
+def test_engine_without_alignment_config_refuses_align_requests(tiny_pair):
     """The plugin is installed, the engine was started plainly: refuse, never ignore."""
-    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(lambda)
-    llm = LLM(model=tiny_pair[0], dtype="float32", max_model_len=256)
+    llm = LLM(model=tiny_pair[0], dtype="float32", max_model_len=256, enforce_eager=True)
     dera = SamplingParams(max_tokens=2, extra_args={"align": {"method": "dera", "lambda": 0.5}})
     with pytest.raises(ValueError, match="needs a reference model"):
         llm.generate(["hi"], dera, use_tqdm=False)
@@ -88,11 +87,3 @@ def test_engine_without_alignment_config_refuses_align_requests(tiny_pair, monke
         for p in worker.model_runner.input_batch.logitsprocs.all])
     assert loaded and not any("vllm_align" in name for names in loaded for name in names)
 
-
-def test_engine_with_alignment_loads_its_batch_state_on_v1(tiny_pair, monkeypatch):
-    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-    llm = _start(tiny_pair[0], {"reference_model": tiny_pair[1]})
-    assert llm.llm_engine.vllm_config.use_v2_model_runner is False
-    loaded = llm.collective_rpc(lambda worker: [
-        type(p).__name__ for p in worker.model_runner.input_batch.logitsprocs.all])
-    assert all("AlignBatchState" in names for names in loaded)

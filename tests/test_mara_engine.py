@@ -46,7 +46,7 @@ def mara_llm(tiny_pair, agents):
         "mara_agents": {name: path for name, (_, path) in agents.items()}}},
         dtype="float32", max_model_len=256, max_num_seqs=MAX_NUM_SEQS,
         max_num_batched_tokens=STEP_BUDGET, enable_prefix_caching=True, block_size=32,
-        num_gpu_blocks_override=NUM_BLOCKS, seed=0, disable_log_stats=False)
+        num_gpu_blocks_override=NUM_BLOCKS, seed=0, disable_log_stats=False, enforce_eager=True)
     yield llm
     del llm
 
@@ -202,6 +202,7 @@ def test_seeded_sampled_decisions_do_not_depend_on_the_batch(mara_llm):
     ({"method": "mara", "top_p": 1.5}, {}, "'top_p' must be in (0, 1]"),
     ({"method": "mara"}, {"logprobs": 2}, "does not support logprobs"),
     ({"method": "mara"}, {"repetition_penalty": 1.2}, "repetition_penalty"),
+    ({"method": "mara", "decisions": "sampled"}, {"seed": 1}, "needs temperature > 0"),
 ])
 def test_bad_mara_requests_refused_alone(mara_llm, spec, extra, message):
     good = SamplingParams(max_tokens=3, temperature=0, extra_args={"align": {"method": "mara"}})

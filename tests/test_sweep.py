@@ -57,7 +57,7 @@ def sweep(world, prompts_file, tmp_path_factory):
             "--prompts", str(prompts_file), "--reward", REWARD, "--output", str(out / "s.csv"),
             "--lambdas", "0,0.5,1,2", "--alphas", "0.1", "--responses-dir", str(out / "resp"),
             "--max-tokens", "96", "--max-model-len", "256", "--dtype", "float32",
-            "--no-progress"]
+            "--enforce-eager", "--no-progress"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(vllm.LLM, "generate", counting_generate)
         assert main(argv) == 0

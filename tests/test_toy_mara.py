@@ -71,7 +71,7 @@ def agent():
 def outputs(agent):
     """Run name -> per repeat, one CompletionOutput per held-out prompt (one generate call)."""
     world = shipped.world()
-    llm = toy_mara.build_engine(agent)
+    llm = toy_mara.build_engine(agent, enforce_eager=True)
     try:
         yield toy_mara.decode_runs(llm, world.prompt_token_ids(llm.get_tokenizer()))
     finally:

@@ -46,7 +46,7 @@ def outputs(world):
     """Method name -> CompletionOutput per held-out prompt, all from ONE generate call."""
     from vllm import LLM
 
-    llm = LLM(model=world.dpo_path, dtype="float32", max_model_len=256, seed=0,
+    llm = LLM(model=world.dpo_path, dtype="float32", max_model_len=256, seed=0, enforce_eager=True,
               additional_config={"align": {"reference_model": world.sft_path}})
     try:
         yield toy.generate_by_method(llm, world.prompt_token_ids(llm.get_tokenizer()),

@@ -10,13 +10,10 @@ top-k 40 / top-p 0.95 sampling at temperature 1) and MARA with either agent
 (sampled decisions, the policy SAC optimises, and greedy decisions, the
 served default), with MARA's own candidate set at the same top-k/top-p.
 
-Sampled runs are decoded once per repeat in ``SEEDS``. Plain sampling rows
-carry ``SamplingParams(seed=1000 * repeat + prompt index)`` and are
-reproducible. MARA's sampled decisions do not read a request's seed: they draw
-from the engine process's global generator, one draw per row of each step's
-batch, and the batches are not the same from run to run (requests reach the
-engine core asynchronously); so sampled MARA runs vary a little between runs
-(a repeat's mean by about 0.1 polite word here). Greedy runs are exact.
+Sampled runs are decoded once per repeat in ``SEEDS``, every request with
+``SamplingParams(seed=1000 * repeat + prompt index)``: plain sampling and
+MARA's sampled decisions (drawn from the request's seeded generator) are
+reproducible whatever the batch. Greedy runs are exact.
 
 Why compare greedy decisions only with care: with fallback "last", an agent
 that rejects everything emits the least probable candidate, which in this
@@ -52,7 +49,9 @@ class Run:
         if self.align is None and self.sampled:
             return SamplingParams(max_tokens=max_tokens, temperature=1.0, top_k=TOP_K,
                                   top_p=TOP_P, seed=seed)
-        # MARA picks the emitted token itself: temperature and seed do not reach it.
+        if self.sampled:  # MARA, sampled decisions: the seed decides them (temperature
+            # has no other effect on MARA; at 0 vLLM would keep no seeded generator)
+            return SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, **extra)
         return SamplingParams(max_tokens=max_tokens, temperature=0.0, **extra)
 
 
