@@ -2,11 +2,11 @@
 
 ``AlignBatchState`` is a V1 ``LogitsProcessor``, loaded by engines with
 alignment configuration only (``patches/engine_args.py`` adds it to their
-``logits_processors``; a plain engine never loads it). It does not touch the logits itself: vLLM computes raw
-logprobs *before* logits processors run, and returned logprobs must describe
-the distribution actually used. So the rule is applied inside the pair
-model's ``compute_logits`` (see ``pair_model.py``), which reads the tensors
-kept here. This class only:
+``logits_processors``; a plain engine never loads it). It does not touch the
+logits itself: vLLM computes raw logprobs *before* logits processors run, and
+returned logprobs must describe the distribution actually used. So the rule is
+applied inside the pair model's ``compute_logits`` (see ``pair_model.py``),
+which reads the tensors kept here. This class only:
 
 * mirrors the persistent batch: rows are written when requests join, moved
   when vLLM condenses or reorders the batch, all from ``BatchUpdate`` diffs,
