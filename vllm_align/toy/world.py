@@ -63,12 +63,16 @@ POLITE = frozenset({"please", "thank", "thanks", "kindly", "glad", "happy", "wel
 _WORD = re.compile(r"[a-z]+")
 
 
+def polite_words(response: str) -> tuple[int, int]:
+    """(polite words, words) of a response: its lower-cased letter runs, those in ``POLITE``."""
+    words = _WORD.findall(response.lower())
+    return sum(w in POLITE for w in words), len(words)
+
+
 def polite_reward(response: str) -> float:
     """Fraction of the response's words that are in ``POLITE`` (0 for no words)."""
-    words = _WORD.findall(response.lower())
-    if not words:
-        return 0.0
-    return sum(w in POLITE for w in words) / len(words)
+    polite, total = polite_words(response)
+    return polite / total if total else 0.0
 
 
 def polite_pair_reward(prompt: str, response: str) -> float:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from statistics import fmean
@@ -55,7 +54,7 @@ def polite_count(prompt: str, response: str) -> float:
     Not the fraction: a fraction can be raised by ending the answer early, and
     an agent trained on it learns exactly that (``Happy to help.</s>``).
     """
-    return float(sum(w in toy_world.POLITE for w in re.findall(r"[a-z]+", response.lower())))
+    return float(toy_world.polite_words(response)[0])
 
 
 def train_records(seed: int = 0, num: int = 512) -> list[dict]:
