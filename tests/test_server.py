@@ -109,8 +109,9 @@ def test_mara_served_without_reference_with_metrics(tiny_pair, tmp_path):
 
     aligned, _ = tiny_pair
     agent, path = _agent(tiny_pair, tmp_path / "agent.pth")
-    proc, url = _start([aligned, "--sampler", "align", "--mara-agent", f"polite={path}"],
-                       tmp_path / "serve.log")
+    # Eager: the compiled path is served by the module's main server already.
+    proc, url = _start([aligned, "--sampler", "align", "--mara-agent", f"polite={path}",
+                        "--enforce-eager"], tmp_path / "serve.log")
     try:
         client = _client(url)
         got = _ids(_complete(client, aligned, {"method": "mara", "agent": "polite", "top_k": 5}))
