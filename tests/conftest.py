@@ -33,7 +33,8 @@ def tiny_pair(tmp_path_factory) -> tuple[str, str]:
 def align_server(tiny_pair, tmp_path_factory):
     """(url, model, process) of `vllm serve` on the tiny pair with a reference model and
     a MARA agent (named "default"); a 64-token step budget, so long prompts are prefilled
-    in chunks. Requests without `alignment` get DeRa lambda=0 (the reference model)."""
+    in chunks. Requests without `alignment` get DeRa lambda=0 (the reference model).
+    Eager: test_engine.py's engine is the compiled one (a compile costs minutes here)."""
     from serving import agent_file, start, stop
 
     aligned, reference = tiny_pair
@@ -41,7 +42,8 @@ def align_server(tiny_pair, tmp_path_factory):
     _, agent = agent_file(tiny_pair, tmp / "agent.safetensors")
     proc, url = start([aligned, "--sampler", "align", "--reference-model", reference,
                        "--mara-agent", agent, "--max-num-batched-tokens", "64",
-                       "--align-default", '{"method": "dera", "lambda": 0.0}'], tmp / "serve.log")
+                       "--align-default", '{"method": "dera", "lambda": 0.0}', "--enforce-eager"],
+                      tmp / "serve.log")
     yield url, aligned, proc
     stop(proc)
 

@@ -109,7 +109,6 @@ def test_mara_served_without_reference_with_metrics(tiny_pair, tmp_path):
 
     aligned, _ = tiny_pair
     agent, path = _agent(tiny_pair, tmp_path / "agent.pth")
-    # Eager: the compiled path is served by the module's main server already.
     proc, url = _start([aligned, "--sampler", "align", "--mara-agent", f"polite={path}",
                         "--enforce-eager"], tmp_path / "serve.log")
     try:

@@ -1,9 +1,9 @@
 """A SAC-trained MARA agent beats its base LLM, through the engine.
 
 The agent is the toy one (``vllm_align.train.toy``: trained on the toy
-world's SFT model to write polite words into 16-token responses), cached next
-to the toy world and shared with test_train_learns.py (one training per
-cache). Here it is loaded into a real ``vllm.LLM`` serving the SFT model, with
+world's SFT model to write polite words into 16-token responses), as shipped
+in ``vllm_align/toy/assets/`` (test_train_learns.py trains one from scratch
+and checks that it learns). Here it is loaded into a real ``vllm.LLM`` serving the SFT model, with
 the same run's untrained actor as a second agent, and one ``generate`` call
 decodes the 64 held-out prompts every way in ``vllm_align.toy.mara.RUNS``
 (16 tokens, top-k 40 / top-p 0.95; sampled runs 4 times). Asserted:
@@ -15,39 +15,31 @@ decodes the 64 held-out prompts every way in ``vllm_align.toy.mara.RUNS``
 * the engine emits what the HF rollout the agent was trained and evaluated in
   emits (deterministic runs, text for text).
 
-Measured in four runs (engine seed 0, shared 2-core CPU; each value the mean
-over the 64 prompts of one repeat), polite words per response and the world's
-rule reward (fraction of polite words):
+Measured (engine seed 0; request seeds 1000 * repeat + prompt index, so every
+run below is exact and a fresh clone reproduces it; each value the mean over
+the 64 prompts of one repeat), polite words per response and the world's rule
+reward (fraction of polite words):
 
 =============================  ====================  ===============
 run                            polite words          fraction
 =============================  ====================  ===============
 SFT greedy                     0.27                  0.030
-SFT sampling, 4 seeds          0.33-0.48             0.036-0.055
-MARA untrained, sampled, 4x    0.27-0.47             about 0.03-0.05
-MARA trained, sampled, 4x      1.47-1.69             about 0.24-0.26
+SFT sampling, 4 repeats        0.33-0.48             0.048 (mean)
+MARA untrained, sampled, 4x    0.25-0.41             0.035 (mean)
+MARA trained, sampled, 4x      1.52-1.66             0.252 (mean)
 MARA trained, greedy           1.94                  0.318
 MARA untrained, greedy         1.80 (see below)      0.201
 =============================  ====================  ===============
 
-Greedy runs and seeded plain sampling are exact; sampled MARA decisions come
-from the engine's own generator, in batches that differ between runs, hence
-ranges (``vllm_align.toy.mara``). The trained agent's worst repeat beats the
-plain and untrained baselines' best by about 1.0 word per response (0.18 of
-the fraction); the margins asserted are 0.5 word and 0.1, about half the gap:
-some 32 of the 64 responses would each have to lose a polite word to break
-them. The untrained agent's greedy 1.80 is the fallback rule at work, not
+The trained agent's worst repeat beats the plain and untrained baselines'
+best by about 1.0 word per response (0.18 of the fraction); the margins
+asserted are 0.5 word and 0.1, about half the gap: some 32 of the 64
+responses would each have to lose a polite word to break them.
+The untrained agent's greedy 1.80 is the fallback rule at work, not
 learning: not asserted.
 
-Longer responses (96 tokens, measured, not asserted here): the trained agent,
-sampled, writes 2.52-2.59 polite words (fraction 0.113-0.117) against 0.42 /
-0.73-0.91 (0.019 / 0.031-0.039) for SFT greedy / sampling, so it carries over
-beyond its 16-token training horizon; greedy decisions give 2.91, and there the
-untrained agent's fallback artefact (3.92) is larger still.
-
-Costs: the agent's training (about 2 minutes on 2 idle cores, once per cache,
-under a lock; test_train_learns.py reuses it), one engine start (about a
-minute on a busy machine) and seconds of decoding.
+Costs: one engine start (about a minute on a busy machine) and seconds of
+decoding.
 """
 
 from __future__ import annotations
