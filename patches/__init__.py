@@ -44,9 +44,9 @@ def apply_patches() -> None:
     global _applied
     if _applied:
         return
-    from vllm_align.patches import (engine_args, input_processor, model_runner,
-                                    openai_request, output_processor, scheduler,
-                                    serve_command, vllm_config)
+    from vllm_align.patches import (attention_metadata, engine_args, input_processor,
+                                    model_runner, openai_request, output_processor,
+                                    scheduler, serve_command, vllm_config)
 
     for patch in (vllm_config.VllmConfigPatch,  # the runner choice, read by all below
                   engine_args.EngineArgsPatch,
@@ -56,6 +56,7 @@ def apply_patches() -> None:
                   serve_command.ServeSubcommandPatch,
                   scheduler.SchedulerPatch,
                   model_runner.ModelRunnerPatch,
+                  attention_metadata.AttentionMetadataPatch,  # reads the step mark set above
                   output_processor.OutputProcessorPatch):
         patch.apply()
     _applied = True

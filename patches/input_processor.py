@@ -7,7 +7,11 @@ configuration, which loads none of the plugin's logits processors): whether
 MARA) needs the engine config, so the validator vLLM builds once per engine
 is wrapped. Errors become ``VLLMValidationError``: HTTP 400 when
 served, a ``ValueError`` offline, and only that request is refused.
-Written for vLLM 0.32.
+
+``process_inputs`` is wrapped too: on an engine with a reference model, a
+request's cache salt says whether its rule reads the reference, so that its
+prefix-cache blocks are never shared with a request of the other kind
+(``vllm_align/engine/reference_rows.py``). Written for vLLM 0.32.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from vllm.sampling_params import SamplingType
 from vllm.v1.engine.input_processor import InputProcessor
 
 from vllm_align.config import AlignConfigError, EngineAlignConfig
+from vllm_align.engine.reference_rows import kv_cache_salt
 from vllm_align.patches.base import VllmPatch
 
 
@@ -58,7 +63,19 @@ def check_mara_sampling(params, mara) -> None:
 
 class InputProcessorPatch(VllmPatch):
     target = InputProcessor
-    replaces = ("_build_logits_processors_params_validator",)
+    replaces = ("_build_logits_processors_params_validator", "process_inputs")
+
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        request = InputProcessorPatch.original("process_inputs")(
+            self, request_id, prompt, params, *args, **kwargs)
+        engine = self.__dict__.get("_vllm_align_engine")
+        if engine is None:
+            engine = self._vllm_align_engine = EngineAlignConfig.parse(
+                self.vllm_config.additional_config)
+        if engine.reference_model is not None and request.sampling_params is not None:
+            rule = engine.resolve(request.sampling_params.extra_args)  # validated already
+            request.cache_salt = kv_cache_salt(request.cache_salt, rule.needs_reference)
+        return request
 
     def _build_logits_processors_params_validator(self):
         stock = InputProcessorPatch.original(

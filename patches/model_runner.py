@@ -9,7 +9,8 @@ has the MARA design):
   token, so it feeds the candidate at ``num_tokens`` rather than re-feeding
   the last token (the scheduler counts as for plain decode). After it, the
   step's partial-prefill mask (rows whose output vLLM drops) and the seeded
-  rows' generators are handed to the batch state.
+  rows' generators are handed to the batch state. It also marks the step as a
+  model step, whose reference rows ``patches/attention_metadata.py`` plans.
 * ``_sample``: vLLM samples a token for every row, also a partial prefill
   whose token it then discards, and rewinds that row's seeded generator with
   ``Generator.set_offset``. CPU generators have no offset ("CPU Generator
@@ -59,6 +60,9 @@ class ModelRunnerPatch(VllmPatch):
     replaces = ("_prepare_inputs", "_sample", "_bookkeeping_sync", "sample_tokens")
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        align = state_for(self.vllm_config)
+        if align is not None:  # a model step: its reference rows are planned next
+            align.begin_step()
         state = _mara_state(self)
         if state is not None:
             n = self.input_batch.num_reqs

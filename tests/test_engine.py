@@ -68,8 +68,8 @@ def _expected_logprobs(hf_pair, ids: list[int], spec: dict) -> torch.Tensor:
 def test_reference_logits_row_aligned_with_prefix_cache_and_chunked_prefill(pair_llm, hf_pair):
     """Returned logprobs of DeRa lambda=0 are the reference model's, row by row.
 
-    Prompts of different lengths share a 70-token prefix (two 32-token blocks) that is cached by a
-    first request; the long ones exceed the step budget and are chunked. The
+    Prompts of different lengths share a 70-token prefix (two 32-token blocks) that is cached by
+    first requests; the long ones exceed the step budget and are chunked. The
     batch mixes methods, so a row mix-up would show as wrong logprobs.
     """
     rng = random.Random(1)
@@ -78,7 +78,10 @@ def test_reference_logits_row_aligned_with_prefix_cache_and_chunked_prefill(pair
     specs = [{"method": "dera", "lambda": 0.0}, {"method": "none"},
              {"method": "dera", "lambda": 0.0}, {"method": "dera", "lambda": 0.5},
              {"method": "aad", "alpha": 0.1}, {"method": "dera", "lambda": 0.0}]
-    _generate(pair_llm, [prefix + [5]], SamplingParams(max_tokens=1, temperature=0))
+    # One warm-up of each kind: rows that read the reference never share cached blocks
+    # with rows that do not (test_reference_on_demand.py).
+    _generate(pair_llm, [prefix + [5]] * 2, [SamplingParams(
+        max_tokens=1, temperature=0, extra_args={"align": {"method": m}}) for m in ("none", "dera")])
 
     params = [SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=5,
                              extra_args={"align": s}) for s in specs]

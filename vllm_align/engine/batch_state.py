@@ -11,18 +11,22 @@ which reads the tensors kept here. This class only:
 * mirrors the persistent batch: rows are written when requests join, moved
   when vLLM condenses or reorders the batch, all from ``BatchUpdate`` diffs,
 * flags the next ``compute_logits`` call of a step as the sampling call (the
-  prompt-logprobs call that may follow must not be mixed per request).
+  prompt-logprobs call that may follow must not be mixed per request),
+* keeps the rows that read the reference model (DeRa, AAD), so that a step
+  runs the reference for those rows only (``reference_rows.py``).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from vllm.v1.sample.logits_processor import (BatchUpdate, LogitsProcessor,
                                              MoveDirectionality)
 
 from vllm_align import methods
 from vllm_align.config import AlignParams, EngineAlignConfig
-from vllm_align.engine.mara_rows import MaraRows, StepResult
+from vllm_align.engine.mara_rows import MaraRows, StepResult, move_row
+from vllm_align.engine.reference_rows import ReferencePlan
 
 # One engine core per worker process; the pair model finds the state of the
 # engine it belongs to through its VllmConfig.
@@ -39,6 +43,8 @@ class AlignBatchState(LogitsProcessor):
     Tensors (``max_num_seqs`` rows, row i = persistent-batch slot i):
         method: [N] int8 method codes (``methods.NONE``...).
         lam, alpha, entropy_threshold: [N] float32 (tau < 0 = disabled).
+    Rows reading the reference (updated with the batch):
+        reference_rows_np: [R] int64 host, sorted; reference_rows: [R] device.
     """
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
@@ -56,6 +62,11 @@ class AlignBatchState(LogitsProcessor):
         self.num_reqs = 0
         self.has_dera = self.has_aad = self.has_mara = False
         self.sampling_call_pending = False
+        self.has_reference_model = self.config.reference_model is not None
+        self.reference_rows_np = np.zeros(0, dtype=np.int64)
+        self.reference_rows = torch.zeros(0, dtype=torch.int64, device=device)
+        self._step_rows_pending = False
+        self.reference_plan: ReferencePlan | None = None
         # MARA (engines with agents): per-row walk state, the runner's
         # partial-prefill mask for the step, and the step's result.
         self.mara = None if not self.config.mara_agents else MaraRows(
@@ -87,11 +98,7 @@ class AlignBatchState(LogitsProcessor):
             self._write_row(index, self.config.resolve(params.extra_args))
         for src, dst, direction in batch_update.moved:
             swap = direction == MoveDirectionality.SWAP
-            for t in cpu.values():
-                if swap:
-                    t[[src, dst]] = t[[dst, src]]
-                else:
-                    t[dst] = t[src]
+            move_row(list(cpu.values()), src, dst, swap)
             if self.mara is not None:
                 self.mara.move(src, dst, swap)
         self.num_reqs = batch_update.batch_size
@@ -99,6 +106,10 @@ class AlignBatchState(LogitsProcessor):
         self.has_dera = bool((active == methods.DERA).any())
         self.has_aad = bool((active == methods.AAD).any())
         self.has_mara = bool((active == methods.MARA).any())
+        reads = (active == methods.DERA) | (active == methods.AAD)
+        self.reference_rows_np = reads.nonzero().squeeze(1).numpy()
+        self.reference_rows = torch.from_numpy(self.reference_rows_np).to(
+            self.device, non_blocking=True)
         for k, t in cpu.items():
             self._dev[k].copy_(t, non_blocking=True)
         if self.mara is not None:
@@ -114,7 +125,24 @@ class AlignBatchState(LogitsProcessor):
         if self.mara is not None:
             self.mara.write_row(index, params.mara)
 
-    # -- set by the runner each step (patches/model_runner.py) -------------
+    # -- set by the runner each step (patches/) ------------------------------
+    def begin_step(self) -> None:
+        """A model step's inputs are being prepared (not a dummy or warm-up run)."""
+        self._step_rows_pending = True
+        self.reference_plan = None
+
+    def take_step_reference_rows(self) -> np.ndarray | None:
+        """[R] host rows reading the reference, once per model step (else None)."""
+        if not self._step_rows_pending:
+            return None
+        self._step_rows_pending = False
+        return self.reference_rows_np
+
+    def take_reference_plan(self) -> ReferencePlan | None:
+        """How this forward runs the reference; None: over every row."""
+        plan, self.reference_plan = self.reference_plan, None
+        return plan
+
     def set_step_inputs(self, discard: torch.Tensor, discard_cpu, generators) -> None:
         """The step's partial-prefill rows ([B] bool, device and host numpy) and
         vLLM's {row: generator} of the seeded requests."""
@@ -134,12 +162,24 @@ class AlignBatchState(LogitsProcessor):
 
     def apply_rule(self, aligned: torch.Tensor,
                    reference: torch.Tensor | None) -> torch.Tensor:
-        """[B, V] aligned (+ reference) logits -> [B, V] float32 logits to sample."""
-        n = aligned.shape[0]
-        d = self._dev
-        return methods.align_logits(
-            aligned, reference, d["method"][:n], d["lam"][:n], d["alpha"][:n],
-            d["entropy_threshold"][:n], has_dera=self.has_dera, has_aad=self.has_aad)
+        """Each row's rule.
+
+        Args:
+            aligned: [B, V] logits of the aligned model.
+            reference: [R, V] reference logits of ``reference_rows``, or None
+                when no row reads them.
+        Returns:
+            [B, V] float32 logits to sample; rows outside ``reference_rows``
+            keep the aligned logits (MARA rows are decided later).
+        """
+        out = aligned.to(torch.float32, copy=True)
+        if reference is None:
+            return out
+        rows, d = self.reference_rows, self._dev
+        mixed = methods.align_logits(
+            out[rows], reference, d["method"][rows], d["lam"][rows], d["alpha"][rows],
+            d["entropy_threshold"][rows], has_dera=self.has_dera, has_aad=self.has_aad)
+        return out.index_copy_(0, rows, mixed)
 
     def apply_mara(self, aligned: torch.Tensor, hidden: torch.Tensor, others: torch.Tensor,
                    agents) -> torch.Tensor:

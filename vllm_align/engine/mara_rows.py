@@ -37,6 +37,15 @@ from vllm_align.mara.agent import MaraAgent
 from vllm_align.mara.rules import candidate_set, walk_step
 
 
+def move_row(tensors: Sequence[torch.Tensor], src: int, dst: int, swap: bool) -> None:
+    """Row ``src`` of every tensor moves to ``dst`` (or the two rows swap): a batch diff."""
+    for t in tensors:
+        if swap:
+            t[[src, dst]] = t[[dst, src]]
+        else:
+            t[dst] = t[src]
+
+
 class StepResult(NamedTuple):
     """One step's outcome per row (all [B]; meaningful where ``is_mara``).
 
@@ -125,13 +134,8 @@ class MaraRows:
         self.pending_cpu[index] = False
 
     def move(self, src: int, dst: int, swap: bool) -> None:
-        tensors = [*self.params_cpu.values(), *self.state.values(), self.pending_cpu,
-                   self.next_input_cpu]
-        for t in tensors:
-            if swap:
-                t[[src, dst]] = t[[dst, src]]
-            else:
-                t[dst] = t[src]
+        move_row([*self.params_cpu.values(), *self.state.values(), self.pending_cpu,
+                  self.next_input_cpu], src, dst, swap)
 
     def sync_params(self) -> None:
         for k, t in self.params_cpu.items():

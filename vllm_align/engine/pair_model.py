@@ -17,6 +17,9 @@ Data flow of one step (B sequences, T scheduled tokens, H hidden size):
 
 Concatenating the hidden states lets vLLM's own row selection pick both
 models' rows at once, so the reference logits cannot drift out of row order.
+The reference runs only over the tokens of rows whose rule reads it (DeRa,
+AAD; ``reference_rows.py``); its hidden states are zero elsewhere, and its
+logits are computed for those rows alone.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 
 from vllm_align.config import EngineAlignConfig
 from vllm_align.engine.batch_state import state_for
+from vllm_align.engine.reference_rows import reference_forward_context
 from vllm_align.mara.agent import load_agent
 from vllm_align.patches.compiled_classes import own_compiled_classes
 
@@ -74,6 +78,8 @@ class AlignedPairForCausalLM(nn.Module):
         self.agents = [load_agent(path, expected_hidden_size=hf_config.hidden_size).to(
             vllm_config.device_config.device) for path in align.mara_agents.values()]
         self.vllm_config = vllm_config
+        # Tokens the reference model has been run over (warm-up included).
+        self.reference_tokens = 0
         self.make_empty_intermediate_tensors = getattr(
             self.aligned, "make_empty_intermediate_tensors", None)
 
@@ -90,7 +96,19 @@ class AlignedPairForCausalLM(nn.Module):
         h_aligned = self.aligned(input_ids, positions, intermediate_tensors, None, **kwargs)
         if self.reference is None:
             return h_aligned
-        h_ref = self.reference(input_ids, positions, intermediate_tensors, None, **kwargs)
+        state = state_for(self.vllm_config)
+        plan = state.take_reference_plan() if state is not None else None
+        if plan is None:  # every row reads it (or a warm-up / dummy run)
+            h_ref = self.reference(input_ids, positions, intermediate_tensors, None, **kwargs)
+            self.reference_tokens += h_ref.shape[0]
+            return torch.cat([h_aligned, h_ref], dim=-1)
+        h_ref = h_aligned.new_zeros(h_aligned.shape[0], self._hidden_sizes[1])
+        if plan.tokens is not None:
+            with reference_forward_context(plan):
+                h_sub = self.reference(input_ids[plan.tokens], positions[..., plan.tokens],
+                                       intermediate_tensors, None, **kwargs)
+            h_ref.index_copy_(0, plan.tokens, h_sub)
+            self.reference_tokens += h_sub.shape[0]
         return torch.cat([h_aligned, h_ref], dim=-1)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
@@ -105,7 +123,7 @@ class AlignedPairForCausalLM(nn.Module):
         if state is None or not state.take_sampling_call(hidden_states.shape[0]):
             return logits
         # Called on every tensor-parallel rank alike: it may gather across ranks.
-        ref_logits = (self.reference.compute_logits(h_ref[0])
+        ref_logits = (self.reference.compute_logits(h_ref[0][state.reference_rows])
                       if state.needs_reference and self.reference is not None else None)
         if logits is None:  # a tensor-parallel rank that does not sample
             return None
