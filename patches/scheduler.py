@@ -18,16 +18,33 @@ one token per step), and the runner moves the row one position ahead
 Per-token acceptance statistics (position of the emitted candidate,
 candidates evaluated) arrive with the runner's output and are kept on the
 request as vLLM's per-sequence acceptance record, returned with the final
-output (``vllm_align.engine.stats``). Written for vLLM 0.32.
+output (``vllm_align.engine.stats`` reads it back). Written for vLLM 0.32.
 """
 
 from __future__ import annotations
 
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
 
 from vllm_align.config import EngineAlignConfig
-from vllm_align.engine.stats import MARA_REPORT_ATTR, record_token
+from vllm_align.engine.stats import MARA_REPORT_ATTR
 from vllm_align.patches.base import VllmPatch
+
+
+def record_token(request, position: int, evaluated: int) -> None:
+    """Add one emitted MARA token to ``request``'s acceptance record.
+
+    Position j counts as j accepted drafts out of ``evaluated`` (the record's
+    histogram grows to the deepest position seen), so the record's
+    ``histogram[j]`` is the number of tokens emitted at position j.
+    """
+    record = request.spec_decode_metrics
+    if record is None:
+        record = request.spec_decode_metrics = RequestSpecDecodeMetrics.new(position)
+    if position >= len(record.histogram):
+        record.histogram.extend([0] * (position + 1 - len(record.histogram)))
+        record.num_spec_tokens = len(record.histogram) - 1
+    record.observe(num_draft_tokens=evaluated, num_accepted=position, detailed=True)
 
 
 class SchedulerPatch(VllmPatch):

@@ -5,6 +5,7 @@ it emitted a token, the emitted candidate's position in its list and how many
 candidates the agent was asked about (``MARA_REPORT_ATTR`` on the
 ``ModelRunnerOutput``); the scheduler adds each emitted token to the
 request's per-sequence acceptance record (vLLM's ``RequestSpecDecodeMetrics``,
+filled by ``patches/scheduler.py``,
 the record vLLM keeps per sequence for accept/reject decoding, otherwise
 unused here since speculative decoding is refused with vllm-align), which
 vLLM returns with the sequence's final output. ``mara_stats`` reads it back
@@ -21,19 +22,6 @@ from dataclasses import dataclass
 MARA_REPORT_ATTR = "vllm_align_mara"
 # Set in the process that configures an engine with MARA agents.
 mara_engine_started = False
-
-
-def record_token(request, position: int, evaluated: int) -> None:
-    """Add one emitted MARA token to ``request``'s acceptance record."""
-    from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
-
-    record = request.spec_decode_metrics
-    if record is None:
-        record = request.spec_decode_metrics = RequestSpecDecodeMetrics.new(position)
-    if position >= len(record.histogram):
-        record.histogram.extend([0] * (position + 1 - len(record.histogram)))
-        record.num_spec_tokens = len(record.histogram) - 1
-    record.observe(num_draft_tokens=evaluated, num_accepted=position, detailed=True)
 
 
 @dataclass(frozen=True)
