@@ -310,9 +310,11 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
             for j, text, c, r in pairs:
                 it = todo[j]
                 n_tokens += len(c.token_ids) + len(r.token_ids)
-                ready[j] = json.dumps({"id": it.id, "prompt": text, "chosen": c.text,
-                                       "rejected": r.text, **meta, "seed": seeds[it.id]},
-                                      ensure_ascii=False) + "\n"
+                rec = {"id": it.id, "prompt": text, "chosen": c.text, "rejected": r.text,
+                       **meta, "seed": seeds[it.id]}
+                if it.messages is not None:   # eval's reward models frame these turns
+                    rec["messages"] = it.messages
+                ready[j] = json.dumps(rec, ensure_ascii=False) + "\n"
                 # Write in input order: the finished records that directly follow
                 # the written ones, once there are batch_size of them (all at the end).
                 run = 0
