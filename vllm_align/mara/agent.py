@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_align.config import AlignConfigError
+from vllm_align.checks import AlignConfigError
 
 PathLike = Union[str, os.PathLike]
 
