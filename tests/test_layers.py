@@ -10,7 +10,8 @@ patches; every module sits under it) and the importer's own packages.
 
 Layers, lowest first; a module may import its own layer or lower ones:
 
-0. pure math and configuration, no vLLM: ``checks``, ``config``, ``methods``, ``mara/``
+0. pure math and configuration, no vLLM: ``checks``, ``config``, ``fields``, ``methods``,
+   ``mara/``
 1. the engine: ``engine/``, ``patches/`` and the plugin entry point ``vllm_align``
 2. the data tools: ``data/`` (prompt sets, reward scorers, generate-pairs, sweep, eval)
 3. the trainer: ``train/``
@@ -29,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "vllm_align"
 
 LAYERS = (
-    ("vllm_align.checks", "vllm_align.config", "vllm_align.methods", "vllm_align.mara"),
+    ("vllm_align.checks", "vllm_align.config", "vllm_align.fields", "vllm_align.methods",
+     "vllm_align.mara"),
     ("vllm_align", "vllm_align.engine", "vllm_align.patches"),
     ("vllm_align.data",),
     ("vllm_align.train",),

@@ -297,13 +297,18 @@ def score_and_write(cfg: SweepConfig, items: Sequence[PromptItem], gen: Generati
     return rows
 
 
-def run_sweep(cfg: SweepConfig) -> list[SweepRow]:
-    """Start the engine, generate the grid, free the engine, score and write; return the rows."""
+def run_sweep(cfg: SweepConfig, engine_args=None) -> list[SweepRow]:
+    """Start the engine, generate the grid, free the engine, score and write; return the rows.
+
+    ``engine_args``: a ``vllm.EngineArgs`` to start the engine from, unchanged (the
+    command line's); else ``cfg``'s model, reference, dtype, ... (``build_llm``).
+    """
     items = load_inputs(cfg)
     from vllm_align.data.engine import build_llm
 
     llm = build_llm(cfg.model, cfg.reference_model, dtype=cfg.dtype, seed=cfg.seed,
-                    max_model_len=cfg.max_model_len, llm_kwargs=cfg.llm_kwargs)
+                    max_model_len=cfg.max_model_len, llm_kwargs=cfg.llm_kwargs,
+                    engine_args=engine_args)
     try:
         gen = generate_grid(llm, cfg, items)
     finally:
