@@ -110,11 +110,13 @@ def bench_hf(aligned: str, reference: str, spec: dict, prompts, tokens: int,
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The benchmark model pair's flags (shared by every script here) and ``--json``."""
+    from vllm_align.toy.cache import cache_dir
+
     parser.add_argument("--hidden-size", type=int, default=1024)
     parser.add_argument("--num-layers", type=int, default=8)
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--models-dir", default=".cache/bench-models")
+    parser.add_argument("--models-dir", default=str(cache_dir("bench-models")))
     parser.add_argument("--json", default=None, help="write the results here")
 
 

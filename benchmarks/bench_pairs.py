@@ -1,4 +1,4 @@
-"""generate-pairs throughput vs a bare ``LLM.generate`` of the same requests.
+"""generate-pairs throughput vs a bare ``LLM.generate``, on its engine and on the aligned model alone.
 
 One engine (``build_llm``, generate-pairs' own settings; prefix caching off so
 that a run does not find the previous run's prompts cached) on a locally built
@@ -8,7 +8,12 @@ model pair (the bench_align.py pair by default), one warm-up call, then
 * bare  : one ``llm.generate`` call with all 2 x N requests, timed around it;
 * pairs : ``generate_pairs(..., llm=engine)`` (what ``vllm-align generate-pairs``
           runs, minus the engine start-up) to a fresh output file, timed by
-          itself from its first request to its last record synced.
+          itself from its first request to its last record synced;
+* alone : one ``llm.generate`` call on a second engine serving the aligned
+          model alone (stock vLLM), with the same 2 x N requests as plain
+          decoding (the chosen side greedy, the rejected side as above): what
+          the same sampling costs without the reference model. The limit of
+          pairs/alone is 1/(1 + 1/2): half the rows (AAD) read the reference.
 
 Same text prompts, same two sides per prompt (generate-pairs' defaults:
 chosen = AAD alpha 0.1 greedy, rejected = the aligned model with nucleus p 0.9,
@@ -74,6 +79,16 @@ def bare_requests(prompts: Path, tokens: int, seed: int):
     return inputs, params
 
 
+def alone_requests(params):
+    """The same requests for the aligned model alone: both sides plain decoding."""
+    out = []
+    for p in params:
+        p = p.clone()
+        p.extra_args = None
+        out.append(p)
+    return out
+
+
 def bench_bare(llm, inputs, params) -> dict:
     load = load_avg()
     t0 = time.perf_counter()
@@ -117,31 +132,42 @@ def main(argv=None) -> int:
     aligned, reference = bench_pair(args)
     llm = build_llm(aligned, reference, dtype=args.dtype, seed=args.seed,
                     max_model_len=MAX_MODEL_LEN, llm_kwargs={"enable_prefix_caching": False})
-    runs: dict[str, list[dict]] = {"bare": [], "pairs": []}
+    plain = build_llm(aligned, None, dtype=args.dtype, seed=args.seed,
+                      max_model_len=MAX_MODEL_LEN, llm_kwargs={"enable_prefix_caching": False})
+    runs: dict[str, list[dict]] = {"bare": [], "pairs": [], "alone": []}
     with tempfile.TemporaryDirectory() as tmp:
         prompts = Path(tmp) / "prompts.jsonl"
         write_prompts(prompts, AutoTokenizer.from_pretrained(aligned), args.prompts, args.seed)
         inputs, params = bare_requests(prompts, args.tokens, args.seed)
+        plain_params = alone_requests(params)
         llm.generate(inputs[:4], params[:4], use_tqdm=False)     # warm-up
+        plain.generate(inputs[:4], plain_params[:4], use_tqdm=False)
         for rep in range(args.repeats):
             def bare() -> None:
                 runs["bare"].append(bench_bare(llm, inputs, params))
+
+            def alone() -> None:
+                runs["alone"].append(bench_bare(plain, inputs, plain_params))
 
             def pairs() -> None:
                 runs["pairs"].append(bench_pairs(llm, aligned, reference, prompts, args.tokens,
                                                  args.seed, args.batch_size,
                                                  Path(tmp) / "pairs.jsonl"))
             # Alternate which goes first, so a load trend favours neither.
-            for run in ((bare, pairs) if rep % 2 == 0 else (pairs, bare)):
+            for run in ((alone, bare, pairs) if rep % 2 == 0 else (pairs, bare, alone)):
                 run()
-    del llm
+    del llm, plain
     gc.collect()
 
     def rate(name: str) -> float:
         return sum(r["tokens"] for r in runs[name]) / sum(r["seconds"] for r in runs[name])
 
-    per_repeat = [(p["tokens"] / p["seconds"]) / (b["tokens"] / b["seconds"])
-                  for b, p in zip(runs["bare"], runs["pairs"])]
+    def per_repeat_ratio(num: str, den: str) -> list[float]:
+        return [(p["tokens"] / p["seconds"]) / (b["tokens"] / b["seconds"])
+                for b, p in zip(runs[den], runs[num])]
+
+    per_repeat = per_repeat_ratio("pairs", "bare")
+    per_repeat_alone = per_repeat_ratio("pairs", "alone")
     reference_texts = runs["bare"][0]["texts"]
     same = [sum(a == b for a, b in zip(r["texts"], reference_texts)) for r in runs["pairs"]]
     report = {
@@ -152,12 +178,14 @@ def main(argv=None) -> int:
                          "tokens_per_s": round(r["tokens"] / r["seconds"], 1),
                          "load_avg_1min_at_start": round(r["load"], 2)} for r in rs]
                  for name, rs in runs.items()},
-        "tokens_per_s": {"bare": round(rate("bare"), 1), "pairs": round(rate("pairs"), 1)},
+        "tokens_per_s": {name: round(rate(name), 1) for name in runs},
         "ratio_pairs_over_bare": round(rate("pairs") / rate("bare"), 3),
         "ratio_per_repeat": [round(r, 3) for r in per_repeat],
         # Each repeat's two runs are back to back: their ratio sees the same load, so
         # the median over repeats is the robust figure on a shared machine.
         "ratio_median": round(statistics.median(per_repeat), 3),
+        "ratio_pairs_over_alone_per_repeat": [round(r, 3) for r in per_repeat_alone],
+        "ratio_pairs_over_alone_median": round(statistics.median(per_repeat_alone), 3),
         "pairs_identical_to_bare": f"{min(same)}/{len(reference_texts)}",
     }
     print(json.dumps(report, indent=2))

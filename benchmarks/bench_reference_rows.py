@@ -7,9 +7,10 @@ fixed length, prefix caching off):
 * pair  : the plugin with the reference model, a fraction f of the rows DeRa
           lambda=0.5 (spread through the batch), the rest ``none``.
 
-Each repeat times plain and then every f, the order reversed on odd repeats
-so a load trend favours none; reported: the median over repeats of each
-pair/plain ratio (the same repeat's runs see the same load). The physical
+Each repeat times every f with a plain run before and after it (plain, f1,
+plain, f2, plain, ...); each pair run is compared with the mean of the two
+plain runs around it, so a load trend favours no run. Reported: the median
+over repeats of each pair/plain ratio. The physical
 limit is 1/(1+f): a row that reads the reference costs two models' forwards,
 one that does not costs one. Also reported: KV capacity in tokens per GiB of
 both engines (the pair engine's, the same for every request: see
@@ -94,12 +95,18 @@ def main(argv=None) -> int:
     for _, llm, params in runs:
         llm.generate(inputs[:2], params[:2], use_tqdm=False)  # warm-up
     rates: dict[str, list[float]] = {name: [] for name, _, _ in runs}
-    for rep in range(args.repeats):
-        for name, llm, params in (runs if rep % 2 == 0 else runs[::-1]):
+    per_run: dict[str, list[float]] = {name: [] for name, _, _ in runs[1:]}
+    for _ in range(args.repeats):
+        before = rate(*runs[0][1:2], inputs, runs[0][2])
+        rates["plain"].append(before)
+        for name, llm, params in runs[1:]:
             rates[name].append(rate(llm, inputs, params))
+            after = rate(*runs[0][1:2], inputs, runs[0][2])
+            rates["plain"].append(after)
+            per_run[name].append(rates[name][-1] / ((before + after) / 2))
+            before = after
 
-    ratios = {f"dera={f:g}/plain": statistics.median(
-        d / p for d, p in zip(rates[f"dera={f:g}"], rates["plain"])) for f in fractions}
+    ratios = {f"{name}/plain": statistics.median(r) for name, r in per_run.items()}
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "config": vars(args),

@@ -2,7 +2,7 @@
 
     python benchmarks/train_mara_toy.py [--out-dir .cache/mara-toy] [--docs docs/mara-training]
 
-Uses the shipped toy world (``vllm_align.toy.shipped``; ``--world-dir`` for another), trains with ``vllm_align.train.toy.ToySettings``,
+Uses the shipped toy world (``vllm_align.toy.shipped``; ``--world-dir`` for another), trains with ``vllm_align.toy.agent.ToySettings``,
 evaluates plain greedy decoding, MARA with the untrained agent and MARA with
 the trained agent on the 64 held-out prompts, and writes into ``--docs``:
 ``metrics.csv`` (one row per rollout), ``learning_curve.png`` and ``RESULTS.md``.
@@ -18,12 +18,13 @@ from pathlib import Path
 
 from vllm_align.train.metrics import plot_curve
 from vllm_align.toy.shipped import ASSETS_DIR
-from vllm_align.train.toy import ToySettings, run_toy
+from vllm_align.toy.agent import ToySettings, run_toy
+from vllm_align.toy.cache import cache_dir
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default=".cache/mara-toy")
+    parser.add_argument("--out-dir", default=str(cache_dir("mara-toy")))
     parser.add_argument("--world-dir", default=str(ASSETS_DIR))
     parser.add_argument("--docs", default="docs/mara-training")
     args = parser.parse_args()
@@ -64,7 +65,7 @@ def main() -> None:
 {result.updates} SAC updates; one torch thread).
 
 LLM: the toy world's SFT model (`vllm_align/toy/world.py`). Reward R: the number of polite words in
-the response (`vllm_align.train.toy:polite_count`), α_r = 1, no cost. Training prompts: 512 of the
+the response (`vllm_align.toy.world:polite_count`), α_r = 1, no cost. Training prompts: 512 of the
 world's training requests; evaluation: its 64 held-out prompts. Top-k 40, top-p 0.95, fallback
 "last", response limit {settings.max_response_len} tokens, KL coefficient 0.1.
 
@@ -83,7 +84,7 @@ is often the polite variant (with sampled decisions the same agent is plain-like
 `metrics.csv`: one row per rollout of {settings.rollout_batch} training episodes (sampled
 decisions): reward, KL, entropy, losses, acceptance rate, ... (columns: `vllm_align/train/metrics.py`).
 
-Settings (`vllm_align.train.toy.ToySettings`; the rest are `SACConfig`'s table-6 defaults):
+Settings (`vllm_align.toy.agent.ToySettings`; the rest are `SACConfig`'s table-6 defaults):
 
 | setting | value |
 | --- | --- |

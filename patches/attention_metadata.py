@@ -25,9 +25,9 @@ from vllm.config import CUDAGraphMode
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from vllm_align.engine.batch_state import state_for
 from vllm_align.engine.reference_rows import ReferencePlan, row_tokens
 from vllm_align.patches.base import VllmPatch
+from vllm_align.patches.model_runner import align_state
 
 logger = logging.getLogger("vllm.vllm_align")
 REFERENCE_PREFIX = "reference."
@@ -110,7 +110,7 @@ class AttentionMetadataPatch(VllmPatch):
 
     def _build_attention_metadata(self, *args, **kwargs):
         out = AttentionMetadataPatch.original("_build_attention_metadata")(self, *args, **kwargs)
-        state = state_for(self.vllm_config)
+        state = align_state(self)
         if state is None or not state.has_reference_model:
             return out
         rows = state.take_step_reference_rows()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from vllm_align.patches import SUPPORTED_VLLM, check_version
+from vllm_align.patches.version import SUPPORTED_VLLM, check_version
 
 
 class VllmPatch:

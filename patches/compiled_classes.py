@@ -19,7 +19,7 @@ import sys
 import types
 from contextlib import contextmanager
 
-from vllm_align.patches import check_version
+from vllm_align.patches.version import check_version
 
 WRITTEN_FOR = "0.32"
 

@@ -10,7 +10,8 @@ has the MARA design):
   the last token (the scheduler counts as for plain decode). After it, the
   step's partial-prefill mask (rows whose output vLLM drops) and the seeded
   rows' generators are handed to the batch state. It also marks the step as a
-  model step, whose reference rows ``patches/attention_metadata.py`` plans.
+  model step, whose reference rows ``patches/attention_metadata.py`` plans, and
+  binds the batch state to the pair model (which reads it in its forward).
 * ``_sample``: vLLM samples a token for every row, also a partial prefill
   whose token it then discards, and rewinds that row's seeded generator with
   ``Generator.set_offset``. CPU generators have no offset ("CPU Generator
@@ -35,13 +36,27 @@ from __future__ import annotations
 import torch
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from vllm_align.engine.batch_state import state_for
+from vllm_align.engine.batch_state import AlignBatchState
 from vllm_align.engine.stats import MARA_REPORT_ATTR
 from vllm_align.patches.base import VllmPatch
 
 
+def align_state(runner) -> AlignBatchState | None:
+    """The runner's batch state (one of its logits processors); None without alignment.
+
+    Looked up again when vLLM rebuilds the input batch (it may, once the KV
+    cache's block size is known), which rebuilds its logits processors.
+    """
+    batch = runner.input_batch
+    cached = runner.__dict__.get("_vllm_align_state")
+    if cached is None or cached[0] is not batch:
+        state = next((p for p in batch.logitsprocs.all if isinstance(p, AlignBatchState)), None)
+        cached = runner._vllm_align_state = (batch, state)
+    return cached[1]
+
+
 def _mara_state(runner):
-    state = state_for(runner.vllm_config)
+    state = align_state(runner)
     return state if state is not None and state.mara is not None else None
 
 
@@ -60,9 +75,12 @@ class ModelRunnerPatch(VllmPatch):
     replaces = ("_prepare_inputs", "_sample", "_bookkeeping_sync", "sample_tokens")
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
-        align = state_for(self.vllm_config)
+        align = align_state(self)
         if align is not None:  # a model step: its reference rows are planned next
             align.begin_step()
+            model = self.get_model()
+            if hasattr(model, "align_state"):  # the pair model reads it in its forward
+                model.align_state = align
         state = _mara_state(self)
         if state is not None:
             n = self.input_batch.num_reqs
@@ -82,7 +100,7 @@ class ModelRunnerPatch(VllmPatch):
 
     def _sample(self, *args, **kwargs):
         restore = {}
-        if state_for(self.vllm_config) is not None:
+        if align_state(self) is not None:
             restore = {g: g.get_state() for g in _discarded_generators(self).values()
                        if g.device.type == "cpu"}
         try:
@@ -92,7 +110,7 @@ class ModelRunnerPatch(VllmPatch):
                 generator.set_state(saved)
 
     def _bookkeeping_sync(self, scheduler_output, sampler_output, *args, **kwargs):
-        if state_for(self.vllm_config) is None:
+        if align_state(self) is None:
             return ModelRunnerPatch.original("_bookkeeping_sync")(
                 self, scheduler_output, sampler_output, *args, **kwargs)
         state = _mara_state(self)

@@ -98,7 +98,7 @@ def test_reward_model_path(files, scorers, tmp_path):
     """An HF sequence-classification model as reward: the rates follow its scores."""
     a, b = files
     _, cost = scorers
-    rm = build_reward_model(tmp_path / "rm", seed=1)
+    rm = build_reward_model(tmp_path / "rm", seed=1, chat_template=False)   # prompt + response
     out = tmp_path / "r.json"
     assert main(["eval", a, b, "--reward", rm, "--cost", cost, "--json", str(out),
                  "--batch-size", "4"]) == 0

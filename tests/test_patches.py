@@ -3,11 +3,13 @@
 import pytest
 
 from vllm_align import patches
+from vllm_align.patches import version
+from vllm_align.patches.apply import apply_patches
 from vllm_align.patches.base import VllmPatch
 
 
 def test_installed_vllm_is_the_supported_one():
-    assert patches.vllm_version().startswith(patches.SUPPORTED_VLLM + ".")
+    assert version.vllm_version().startswith(version.SUPPORTED_VLLM + ".")
 
 
 def test_patch_for_another_vllm_version_fails_loudly():
@@ -65,13 +67,13 @@ def test_every_patched_site_is_applied_and_names_its_vllm_version():
     import importlib
     import pkgutil
 
-    patches.apply_patches()
-    sites = [m.name for m in pkgutil.iter_modules(patches.__path__) if m.name != "base"]
+    apply_patches()
+    sites = [m.name for m in pkgutil.iter_modules(patches.__path__) if m.name not in ("base", "version", "apply")]
     assert {"engine_args", "input_processor", "model_runner", "scheduler",
             "output_processor"} <= set(sites)
     for name in sites:
         module = importlib.import_module(f"vllm_align.patches.{name}")
-        assert f"vLLM {patches.SUPPORTED_VLLM}" in module.__doc__, name
+        assert f"vLLM {version.SUPPORTED_VLLM}" in module.__doc__, name
         for cls in vars(module).values():
             if isinstance(cls, type) and issubclass(cls, VllmPatch) and cls is not VllmPatch:
                 for attr in cls.replaces:

@@ -16,12 +16,14 @@ RESPONSES = ["They are green and quiet.", "Hello there friend.", "y" * 50, "Near
 
 @pytest.fixture(scope="module")
 def reward_model(tmp_path_factory) -> str:
-    return build_reward_model(tmp_path_factory.mktemp("rm"), seed=0)
+    # No chat template: the prompt + response format (the template: test_reward_formats.py).
+    return build_reward_model(tmp_path_factory.mktemp("rm"), seed=0, chat_template=False)
 
 
 @pytest.fixture(scope="module")
 def reward_model_no_pad(tmp_path_factory) -> str:
-    return build_reward_model(tmp_path_factory.mktemp("rm-nopad"), seed=0, pad_token=False)
+    return build_reward_model(tmp_path_factory.mktemp("rm-nopad"), seed=0, pad_token=False,
+                              chat_template=False)
 
 
 def _expected(path: str, **kw) -> list[float]:

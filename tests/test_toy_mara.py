@@ -1,6 +1,6 @@
 """A SAC-trained MARA agent beats its base LLM, through the engine.
 
-The agent is the toy one (``vllm_align.train.toy``: trained on the toy
+The agent is the toy one (``vllm_align.toy.agent``: trained on the toy
 world's SFT model to write polite words into 16-token responses), as shipped
 in ``vllm_align/toy/assets/`` (test_train_learns.py trains one from scratch
 and checks that it learns). Here it is loaded into a real ``vllm.LLM`` serving the SFT model, with
@@ -49,7 +49,8 @@ import pytest
 from vllm_align.toy import mara as toy_mara
 from vllm_align.toy import shipped
 from vllm_align.toy import world as toy
-from vllm_align.train.toy import ToySettings, evaluate_agent, polite_count
+from vllm_align.toy.agent import ToySettings, evaluate_agent
+from vllm_align.toy.world import polite_count
 
 MARGIN_WORDS, MARGIN_FRACTION = 0.5, 0.1
 

@@ -1,7 +1,7 @@
 """The MARA trainer learns: a toy task with a known reward, trained in minutes on a CPU.
 
 LLM: the toy world's SFT model; reward: the number of polite words in the
-response (``vllm_align.train.toy``). After training with fixed seeds, on the
+response (``vllm_align.toy.agent``). After training with fixed seeds, on the
 64 held-out prompts:
 
 * MARA with sampled decisions (the policy SAC optimises) earns far more reward
@@ -29,7 +29,7 @@ learning curve, last - first quarter 0.77  0.70  0.55  0.72  0.55
 ("min gap": to the best baseline, plain or untrained.) The asserted margins are
 about half the smallest gap: 0.35, 0.45 and 0.3. (The untrained agent with greedy
 decisions scores 0.23-1.80 for a reason unrelated to learning, see
-``vllm_align.train.toy``; not asserted.)
+``vllm_align.toy.agent``; not asserted.)
 
 The agent is trained here from scratch (about 2 minutes on 2 idle cores) on a
 copy of the shipped SFT model; the shipped agent (``vllm_align.toy.shipped``) is
@@ -48,7 +48,7 @@ from statistics import fmean
 import pytest
 
 from vllm_align.toy import shipped
-from vllm_align.train.toy import ToySettings, evaluate_agent, toy_agent
+from vllm_align.toy.agent import ToySettings, evaluate_agent, toy_agent
 
 
 def _copy_world(dst: Path) -> Path:

@@ -136,7 +136,7 @@ def test_cli_refuses_bad_values(setup, tmp_path, capsys):
     args = _args(setup, tmp_path / "o")
     args[args.index("--reward") + 1] = "no_such_module_xyz:fn"
     assert main(args) == 2
-    assert "cannot import 'no_such_module_xyz'" in capsys.readouterr().err
+    assert "cannot import module 'no_such_module_xyz'" in capsys.readouterr().err  # the shared scorer's wording
 
 
 def test_train_config_validation():

@@ -1,4 +1,5 @@
-"""Reward/cost sources and prompt sets of the MARA trainer."""
+"""Reward/cost sources and prompt sets as the MARA trainer uses them (the shared
+``vllm_align.data.rewards`` / ``vllm_align.data.prompts``)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import math
 import pytest
 import torch
 
-from vllm_align.train.prompts import (Prompt, PromptSampler, PromptSetError, load_prompts,
-                                      read_prompt_records)
-from vllm_align.train.rewards import (CallableScorer, HFScoreModel, RewardSourceError,
-                                      TerminalReward, load_scorer)
+from vllm_align.data.prompts import DataError as PromptSetError
+from vllm_align.data.prompts import Prompt, load_prompts
+from vllm_align.data.prompts import read_prompts as read_prompt_records
+from vllm_align.data.rewards import CallableReward as CallableScorer
+from vllm_align.data.rewards import HFReward as HFScoreModel
+from vllm_align.data.rewards import RewardError as RewardSourceError
+from vllm_align.train.prompts import PromptSampler
+from vllm_align.train.terminal import TerminalReward, load_scorer
 
 
 def _p(text: str, messages=None) -> Prompt:
@@ -28,7 +33,7 @@ def test_callable_specs(tmp_path):
                                     "    return len(response) - len(prompt)\n")
     by_file = load_scorer(f"{tmp_path / 'rw.py'}:score")
     assert by_file([_p("ab"), _p("")], ["abcd", "x"]) == [2.0, 1.0]
-    by_module = load_scorer("vllm_align.train.toy:polite_reward")
+    by_module = load_scorer("vllm_align.toy.world:polite_pair_reward")
     assert by_module([_p("q")], ["thank you kindly"]) == [pytest.approx(2 / 3)]
     direct = load_scorer(lambda p, r: 0.5)
     assert isinstance(direct, CallableScorer) and direct([_p("a")], ["b"]) == [0.5]
@@ -36,10 +41,10 @@ def test_callable_specs(tmp_path):
 
 
 @pytest.mark.parametrize("spec, match", [
-    ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz'"),
-    ("vllm_align.train.toy:nothing", "no callable 'nothing'"),
-    ("/nonexistent/rw.py:f", "no such file"),
-    ("plainword", "neither a Hugging Face model directory"),
+    ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+    ("vllm_align.toy.world:nothing", "no callable named 'nothing'"),
+    ("/nonexistent/rw.py:f", "no such Python file"),
+    ("no/such/plainword", "neither a Hugging Face model directory"),  # nor a hub name
 ])
 def test_bad_callable_specs(spec, match):
     with pytest.raises(RewardSourceError, match=match):
@@ -48,8 +53,8 @@ def test_bad_callable_specs(spec, match):
 
 @pytest.mark.parametrize("value", [float("nan"), "1", None, float("inf")])
 def test_callable_must_return_finite_numbers(value):
-    with pytest.raises(RewardSourceError, match="finite number"):
-        CallableScorer(lambda p, r: value, name="bad")([_p("a")], ["b"])
+    with pytest.raises(RewardSourceError, match="must be finite|must be a real number"):
+        CallableScorer(lambda p, r: value)([_p("a")], ["b"])
 
 
 def test_terminal_reward_weights():
@@ -91,7 +96,7 @@ def test_hf_score_model_batched_equals_single(tiny_pair, tmp_path):
     assert batched == pytest.approx(single, abs=1e-4)
     assert len(set(round(s, 4) for s in batched)) == 4 and all(math.isfinite(s) for s in batched)
     # The chat template frames the turns: the chat record's own messages are used.
-    text = rm.format(prompts[1], "no")
+    text = rm.reward_text(prompts[1], "no")
     assert "a house" in text and "no" in text and "<|assistant|>" in text
 
 
@@ -122,8 +127,8 @@ def test_prompt_sets(tiny_pair, tmp_path):
                                        add_generation_prompt=True)
     assert chat.id == "c" and chat.text == rendered
     assert list(chat.token_ids) == tok(rendered, add_special_tokens=False).input_ids
-    assert read_prompt_records(["a", {"prompt": "b", "id": 7}]) == [
-        {"id": 0, "prompt": "a"}, {"id": 7, "prompt": "b"}]
+    assert [(r.id, r.prompt) for r in read_prompt_records(["a", {"prompt": "b", "id": 7}])] == [
+        (0, "a"), (7, "b")]
 
 
 @pytest.mark.parametrize("content, match", [

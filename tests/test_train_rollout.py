@@ -18,8 +18,9 @@ import torch
 
 import hf_mara_reference
 from vllm_align.mara.agent import random_agent
-from vllm_align.train.prompts import Prompt
-from vllm_align.train.rewards import CallableScorer, TerminalReward
+from vllm_align.data.prompts import Prompt
+from vllm_align.data.rewards import CallableReward
+from vllm_align.train.terminal import TerminalReward
 from vllm_align.train.rollout import HFRollout
 
 HIDDEN, VOCAB, EOS = 64, 96, 3
@@ -80,7 +81,7 @@ def test_greedy_rollout_emits_what_the_reference_emits(model, bias, top_k, top_p
 def test_states_and_rewards_are_the_papers(model):
     """States = hidden state over prompt+prefix+candidate; rewards = eq. 8 with eq. 6."""
     agent = random_agent(HIDDEN, seed=11, accept_bias=-0.5)
-    terminal = TerminalReward(CallableScorer(_length), CallableScorer(lambda p, r: 1.0),
+    terminal = TerminalReward(CallableReward(_length), CallableReward(lambda p, r: 1.0),
                               alpha_r=0.5, alpha_c=2.0)
     out = _rollout(model, terminal=terminal).collect(_prompts(), agent.state_dict(),
                                                      decisions="greedy")

@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 
 
-def build_reward_model(out_dir: str | Path, *, seed: int = 0, pad_token: bool = True) -> str:
+def build_reward_model(out_dir: str | Path, *, seed: int = 0, pad_token: bool = True,
+                       chat_template: bool = True) -> str:
     """Save a ~0.2M-parameter ``LlamaForSequenceClassification`` (num_labels=1) with a
-    trained byte-level tokenizer to ``out_dir``; without ``pad_token`` the tokenizer has none."""
+    trained byte-level tokenizer to ``out_dir``; without ``pad_token`` the tokenizer has
+    none, without ``chat_template`` no chat template (it is then scored on
+    ``prompt + response``, ``vllm_align.data.rewards``)."""
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
@@ -27,11 +30,15 @@ def build_reward_model(out_dir: str | Path, *, seed: int = 0, pad_token: bool = 
         # HF's 0.02-std init gives near-equal scores; a unit-scale head spreads them.
         model.score.weight.normal_(0.0, 1.0)
     model.save_pretrained(str(out))
-    if not pad_token:
-        tok.pad_token = None
+    if not pad_token or not chat_template:
+        if not pad_token:
+            tok.pad_token = None
+        if not chat_template:
+            tok.chat_template = None
         save_tokenizer(tok, out)
         cfg = json.loads((out / "tokenizer_config.json").read_text())
-        assert cfg.get("pad_token") is None, cfg
+        assert pad_token or cfg.get("pad_token") is None, cfg
+        (out / "chat_template.jinja").unlink(missing_ok=True)
     return str(out)
 
 

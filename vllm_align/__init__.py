@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 def register() -> None:
     from vllm import ModelRegistry
 
-    from vllm_align.patches import apply_patches
+    from vllm_align.patches.apply import apply_patches
 
     apply_patches()
     ModelRegistry.register_model(

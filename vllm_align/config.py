@@ -15,9 +15,13 @@ what is allowed.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+# Re-exported: the error and checks are ``vllm_align.checks``'s (shared with mara/).
+from vllm_align.checks import (FLOAT32_MAX, FLOAT32_TINY, AlignConfigError,  # noqa: F401
+                               finite_number, unit_number)
+from vllm_align.mara.config import MaraParams, parse_agent_map
 
 METHODS = ("none", "dera", "aad", "mara")
 # Request keys allowed per method (besides "method").
@@ -29,54 +33,9 @@ _METHOD_KEYS = {
 _ENGINE_KEYS = ("reference_model", "mara_agents", "default")
 EXTRA_ARGS_KEY = "align"
 
-# The engine computes in float32: a parameter is refused unless it survives
-# the conversion (no overflow to inf, no underflow of a positive value to 0).
-FLOAT32_MAX = 3.4028234663852886e38
-FLOAT32_TINY = 1.1754943508222875e-38  # smallest positive normal float32
 # |lambda| beyond this makes lam * (h_aligned - h_ref) overflow-prone for
 # ordinary logits, and every such lambda already picks the same greedy token.
 LAMBDA_MAX = 1.0e6
-
-
-class AlignConfigError(ValueError):
-    """Bad alignment configuration or request parameters."""
-
-
-def finite_number(value: Any, name: str, bound: float = FLOAT32_MAX) -> float:
-    """``value`` as a float with ``|value| <= bound`` (default: the float32 range).
-
-    Refuses bools, non-numbers, NaN and infinities, and finite values beyond
-    ``bound``: a float64 such as 1e308 is finite in Python but not where the
-    engine computes.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise AlignConfigError(f"alignment {name!r} must be a number, got {value!r}")
-    try:
-        value = float(value)
-    except OverflowError:  # an int beyond float range, e.g. a 400-digit JSON literal
-        value = math.inf if value > 0 else -math.inf
-    if not math.isfinite(value) or abs(value) > bound:
-        raise AlignConfigError(
-            f"alignment {name!r} must be finite and within [-{bound:.7g}, {bound:.7g}], "
-            f"got {value!r}")
-    return value
-
-
-def unit_number(value: Any, name: str, *, low_open: bool, high_open: bool) -> float:
-    """A float in the unit interval, open or closed at either end, valid in float32.
-
-    A positive value below float32's smallest normal would become 0 (or a
-    denormal) in the engine, which the open lower end excludes: it is refused.
-    """
-    x = finite_number(value, name)
-    lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-    inside = (x > 0.0 if low_open else x >= 0.0) and (x < 1.0 if high_open else x <= 1.0)
-    if not inside or 0.0 < x < FLOAT32_TINY:
-        raise AlignConfigError(
-            f"alignment {name!r} must be in {lo}0, 1{hi}"
-            + (f" and 0 or at least {FLOAT32_TINY:.7g} (float32)" if inside else "")
-            + f", got {x!r}")
-    return x
 
 
 def json_object(spec: Any, what: str) -> Mapping:
@@ -128,8 +87,6 @@ class AlignParams:
             raise AlignConfigError(
                 f"unknown alignment method {method!r}; allowed: {', '.join(METHODS)}")
         if method == "mara":
-            from vllm_align.mara.config import MaraParams
-
             return cls(method=method, mara=MaraParams.parse(spec))
         allowed = _METHOD_KEYS[method]
         # key=repr: offline dicts may mix key types, which sorted() cannot compare.
@@ -190,8 +147,6 @@ class EngineAlignConfig:
         ref = spec.get("reference_model")
         if ref is not None and (not isinstance(ref, str) or not ref):
             raise AlignConfigError(f"'reference_model' must be a path or name, got {ref!r}")
-        from vllm_align.mara.config import parse_agent_map
-
         default = AlignParams.parse(spec.get("default") or {"method": "none"})
         config = cls(reference_model=ref, mara_agents=parse_agent_map(spec.get("mara_agents")),
                      default=default)

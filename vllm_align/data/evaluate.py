@@ -3,7 +3,8 @@
 Input: two JSONL files (A and B), one object per line with ``prompt`` (string),
 a response field (``response`` by default; ``--a-field`` / ``--b-field`` pick
 another, e.g. ``chosen`` and ``rejected`` of one generate-pairs file), and
-optionally ``id``. Records are matched by ``id`` when every record of both
+optionally ``id`` and the chat ``messages`` behind the prompt (a reward model
+with a chat template then frames those turns, as in ``sweep``). Records are matched by ``id`` when every record of both
 files has one, otherwise by ``prompt``; the key must be unique within each
 file, both files must hold the same keys, and records matched by ``id`` must
 have the same prompt. ``vllm-align sweep --responses-dir`` and
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from vllm_align.data.metrics import mean_sem, preference_rate, win_rate
-from vllm_align.data.prompts import DataError, json_objects
+from vllm_align.data.prompts import DataError, Prompt, json_objects, valid_messages
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Record:
     id: str | int | None
     prompt: str
     response: str
+    messages: tuple | None = None   # the chat turns behind ``prompt``, when the file has them
 
 
 def read_records(path: str | os.PathLike, field: str) -> list[Record]:
@@ -75,7 +77,9 @@ def read_records(path: str | os.PathLike, field: str) -> list[Record]:
             if not isinstance(obj.get(key), str):
                 raise DataError(f"{where}: needs a string {key!r}, got "
                                 f"{obj.get(key)!r:.80}")
-        records.append(Record(rid, obj["prompt"], obj[field]))
+        msgs = obj.get("messages")
+        msgs = None if msgs is None else tuple(valid_messages(msgs, where))
+        records.append(Record(rid, obj["prompt"], obj[field], msgs))
     if not records:
         raise DataError(f"{path} holds no records")
     return records
@@ -143,7 +147,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     by, pairs = match(read_records(cfg.a, cfg.a_field), read_records(cfg.b, cfg.b_field),
                       "A", "B")
     n = len(pairs)
-    prompts = [ra.prompt for ra, _ in pairs] * 2
+    prompts = [Prompt(ra.id, ra.prompt, messages=ra.messages) for ra, _ in pairs] * 2
     responses = [ra.response for ra, _ in pairs] + [rb.response for _, rb in pairs]
     # One call per scorer over both sides, so a model batches A and B together.
     rewards = load_reward(cfg.reward, batch_size=cfg.batch_size)(prompts, responses)

@@ -252,12 +252,14 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
                    max_tokens: int = 256, seed: int = 0, batch_size: int = 64,
                    dtype: str = "auto", max_model_len: int | None = None,
                    progress: bool = True, llm_kwargs: Mapping[str, Any] | None = None,
-                   llm=None) -> PairsResult:
+                   engine_args=None, llm=None) -> PairsResult:
     """Write one pair per prompt to ``output`` (resuming it); returns what this run did.
 
+    ``engine_args``: a ``vllm.EngineArgs`` on ``model`` (with ``reference_model``)
+    to start the engine from, unchanged (the command line's); ``dtype``,
+    ``max_model_len`` and ``llm_kwargs`` are then ignored.
     ``llm``: an existing ``vllm.LLM`` on ``model`` (with ``reference_model`` as
-    its reference) to use instead of starting one; ``dtype``, ``max_model_len``
-    and ``llm_kwargs`` are then ignored, and the caller keeps the engine.
+    its reference) to use instead of starting one; the caller keeps the engine.
     """
     if max_tokens < 1:
         raise PairsError(f"--max-tokens must be >= 1, got {max_tokens}")
@@ -288,7 +290,8 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
     own_llm = llm is None
     if own_llm:
         llm = build_llm(model, reference_model, dtype=dtype, seed=seed,
-                        max_model_len=max_model_len, llm_kwargs=llm_kwargs)
+                        max_model_len=max_model_len, llm_kwargs=llm_kwargs,
+                        engine_args=engine_args)
 
     # Enough prompts in flight to refill every finished sequence's slot at once
     # (2 requests per prompt: up to twice the engine's running batch).
@@ -310,9 +313,11 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
             for j, text, c, r in pairs:
                 it = todo[j]
                 n_tokens += len(c.token_ids) + len(r.token_ids)
-                ready[j] = json.dumps({"id": it.id, "prompt": text, "chosen": c.text,
-                                       "rejected": r.text, **meta, "seed": seeds[it.id]},
-                                      ensure_ascii=False) + "\n"
+                rec = {"id": it.id, "prompt": text, "chosen": c.text, "rejected": r.text,
+                       **meta, "seed": seeds[it.id]}
+                if it.messages is not None:   # eval's reward models frame these turns
+                    rec["messages"] = it.messages
+                ready[j] = json.dumps(rec, ensure_ascii=False) + "\n"
                 # Write in input order: the finished records that directly follow
                 # the written ones, once there are batch_size of them (all at the end).
                 run = 0

@@ -1,24 +1,35 @@
 """Reward (or cost) sources by name: ``load_reward(spec)`` -> a batched scorer.
 
-A scorer maps ``(prompts, responses)`` (two equal-length lists of strings) to
-one float per pair. ``spec`` is one of:
+The one scorer of sweep, eval and train-mara. A scorer maps
+``(prompts, responses)`` (two equal-length lists) to one float per pair. A
+prompt is the text the generator saw (``str``), or a ``data.prompts.Prompt``
+(its ``text``, and its chat ``messages`` for chat records). ``spec`` is one of:
 
 * ``module.path:function`` or ``path/to/file.py:function``: a Python callable
-  ``function(prompt: str, response: str) -> float``, called once per pair;
+  ``function(prompt: str, response: str) -> float``, called once per pair with
+  the prompt's text (chat-rendered for ``messages``);
 * anything else: a Hugging Face sequence-classification checkpoint (a local
   directory or a hub name) with one output (``num_labels=1``). The reward of a
-  pair is that output, the score head's logit, on the text
-  ``prompt + response`` (the response continues the prompt exactly as the
-  generator saw it; a chat-rendered prompt already holds the template's
-  markup; the tokenizer's special tokens are added unless the text already
-  starts with its BOS). Texts are scored in batches of ``batch_size`` in torch,
-  right-padded, and truncated from the left to the model's length limit (a
-  leading BOS is kept), so the end of a long response is always scored. A
-  tokenizer without a pad token is scored one text at a time.
+  pair is that output, the score head's logit, on one text (``reward_text``):
+
+  - the reward model's tokenizer has a chat template (as reward models are
+    trained): the conversation ``turns + [{"role": "assistant", "content":
+    response}]`` rendered by it, where ``turns`` are the prompt's chat
+    ``messages``, or one user turn holding the prompt's text;
+  - it has none: ``prompt + response`` (the response continues the prompt
+    exactly as the generator saw it).
+
+  The tokenizer's special tokens are added unless the text already starts
+  with its BOS (a template writes its own). Texts are scored in batches of
+  ``batch_size`` in torch, right-padded, and truncated from the left to the
+  model's length limit (a leading BOS is kept), so the end of a long response,
+  where the score is read, is always scored. A tokenizer without a pad token is
+  scored one text at a time.
 
 The same scorer serves rewards and costs (a cost model is just a scorer whose
-lower values are better): the sweep and eval tools use it, and so can a
-trainer (``alpha_r * R - alpha_c * C``).
+lower values are better; the trainer's terminal reward is
+``alpha_r * R - alpha_c * C``, ``train/terminal.py``). A ``file.py`` spec is
+imported once per process, whichever tool names it.
 """
 
 from __future__ import annotations
@@ -30,11 +41,12 @@ import numbers
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence, Union
 
 from vllm_align.data.prompts import DataError
 
-RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]
+RewardFn = Callable[[Sequence[Any], Sequence[str]], list[float]]
+PromptLike = Union[str, Any]   # a str, or an object with .text and .messages (data.prompts.Prompt)
 
 
 class RewardError(DataError):
@@ -57,9 +69,19 @@ def _finite(value: Any, where: str) -> float:
     return value
 
 
-def _check_pairs(prompts: Sequence[str], responses: Sequence[str]) -> None:
+def _check_pairs(prompts: Sequence[PromptLike], responses: Sequence[str]) -> None:
     if len(prompts) != len(responses):
         raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+
+
+def _text(prompt: PromptLike) -> str:
+    return prompt if isinstance(prompt, str) else prompt.text
+
+
+def _turns(prompt: PromptLike) -> list[Mapping[str, str]]:
+    """The prompt as chat turns: its ``messages``, or one user turn holding its text."""
+    messages = None if isinstance(prompt, str) else prompt.messages
+    return [dict(m) for m in messages] if messages else [{"role": "user", "content": _text(prompt)}]
 
 
 class CallableReward:
@@ -80,9 +102,10 @@ class CallableReward:
             raise RewardError(f"reward {spec!r}: {target!r} has no callable named {name!r}")
         self.fn = fn
 
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    def __call__(self, prompts: Sequence[PromptLike], responses: Sequence[str]) -> list[float]:
         _check_pairs(prompts, responses)
-        return [_finite(self.fn(p, r), f"reward {self.spec}") for p, r in zip(prompts, responses)]
+        return [_finite(self.fn(_text(p), r), f"reward {self.spec}")
+                for p, r in zip(prompts, responses)]
 
     def __repr__(self) -> str:
         return f"CallableReward({self.spec!r})"
@@ -121,15 +144,20 @@ def _hf_config(path: str):
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise RewardError(f"reward model {path!r} cannot be loaded: {e}") from None
+        kind = ("not a loadable Hugging Face checkpoint" if os.path.isdir(path) else
+                "neither a Hugging Face model directory nor a hub model")
+        raise RewardError(f"reward model {path!r} cannot be loaded: {kind} "
+                          f"({type(e).__name__}: {str(e).strip().splitlines()[0]:.200})"
+                          ) from None
     if config.num_labels != 1:
-        raise RewardError(f"reward model {path!r} has num_labels={config.num_labels}; "
-                          f"a reward model needs a single score (num_labels=1)")
+        raise RewardError(f"reward model {path!r} has {config.num_labels} output labels "
+                          f": num_labels={config.num_labels}; a reward model needs a single "
+                          f"score (num_labels=1)")
     return config
 
 
 class HFReward:
-    """A sequence-classification model's single score on ``prompt + response``.
+    """A sequence-classification model's single score on ``reward_text`` (module doc).
 
     Shapes: a batch of B texts is tokenized to ``input_ids [B, T]`` (right
     padding, ``attention_mask [B, T]``); the model returns ``logits [B, 1]``,
@@ -174,10 +202,20 @@ class HFReward:
         self.max_length = min(limits) if limits else None
         self._bos = self.tokenizer.bos_token
 
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    def reward_text(self, prompt: PromptLike, response: str) -> str:
+        """The text scored for one pair: the conversation rendered by the reward
+        model's chat template if it has one, else ``prompt + response``."""
+        if getattr(self.tokenizer, "chat_template", None):
+            from vllm_align.data.prompts import chat_text
+
+            return chat_text(self.tokenizer, _turns(prompt) + [
+                {"role": "assistant", "content": response}], generation_prompt=False)
+        return _text(prompt) + response
+
+    def __call__(self, prompts: Sequence[PromptLike], responses: Sequence[str]) -> list[float]:
         _check_pairs(prompts, responses)
-        texts = [p + r for p, r in zip(prompts, responses)]
-        # A prompt rendered by a chat template already starts with BOS: adding
+        texts = [self.reward_text(p, r) for p, r in zip(prompts, responses)]
+        # A text rendered by a chat template already starts with BOS: adding
         # the tokenizer's special tokens again would double it. Texts with and
         # without it go in separate batches.
         add = [not (self._bos and t.startswith(self._bos)) for t in texts]
@@ -209,8 +247,9 @@ class HFReward:
         return f"HFReward({self.spec!r})"
 
 
-def load_reward(spec: str | Callable[[str, str], float], *, batch_size: int = 16, device: str | None = None,
-                dtype: str = "float32", max_length: int | None = None) -> RewardFn:
+def load_reward(spec: str | os.PathLike | Callable[[str, str], float], *, batch_size: int = 16,
+                device: str | None = None, dtype: str = "float32",
+                max_length: int | None = None) -> RewardFn:
     """A batched scorer ``(prompts, responses) -> list[float]`` for ``spec``.
 
     Args:
@@ -224,6 +263,8 @@ def load_reward(spec: str | Callable[[str, str], float], *, batch_size: int = 16
     """
     if callable(spec):
         return CallableReward(spec)
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
     if not isinstance(spec, str) or not spec.strip():
         raise RewardError(f"reward spec must be a non-empty string, got {spec!r}")
     if is_callable_spec(spec):

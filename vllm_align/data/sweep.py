@@ -14,8 +14,8 @@ Outputs:
   paper's figure 2, each AAD alpha as a horizontal line with its band; with two
   or more alphas, a second panel of reward against alpha;
 * optionally, ``--responses-dir``: one JSONL per grid point
-  (``id``, ``prompt``, ``response``, ``reward``, ``method``, ``parameter``),
-  which ``vllm-align eval`` reads directly.
+  (``id``, ``prompt``, ``response``, ``reward``, ``method``, ``parameter``, and
+  ``messages`` for chat prompts), which ``vllm-align eval`` reads directly.
 
 Sampling: ``temperature`` 0 (default) is greedy, the DeRa/AAD papers' setting;
 with temperature > 0 prompt ``i`` is sampled with seed ``seed + i`` at every
@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 from vllm_align.config import EXTRA_ARGS_KEY, AlignConfigError, AlignParams
 from vllm_align.data.metrics import mean_sem
-from vllm_align.data.prompts import DataError, PromptItem, read_prompts, render_prompt
+from vllm_align.data.prompts import DataError, Prompt, PromptItem, read_prompts, render_prompt
 
 CSV_FIELDS = ("method", "parameter", "n", "mean", "stderr")
 
@@ -220,10 +220,12 @@ def _write_responses(out_dir: Path, grid: Sequence[GridPoint], items, prompts: S
     for k, point in enumerate(grid):
         with open(out_dir / f"{point.label}.jsonl", "w", encoding="utf-8") as f:
             for j, it in enumerate(items):
-                f.write(json.dumps({"id": it.id, "prompt": prompts[j],
-                                    "response": responses[k * n + j],
-                                    "reward": scores[k * n + j], "method": point.method,
-                                    "parameter": point.parameter}, ensure_ascii=False) + "\n")
+                rec = {"id": it.id, "prompt": prompts[j], "response": responses[k * n + j],
+                       "reward": scores[k * n + j], "method": point.method,
+                       "parameter": point.parameter}
+                if it.messages is not None:   # eval frames them as the sweep's scorer did
+                    rec["messages"] = it.messages
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
 def load_inputs(cfg: SweepConfig) -> list[PromptItem]:
@@ -282,7 +284,9 @@ def score_and_write(cfg: SweepConfig, items: Sequence[PromptItem], gen: Generati
 
     grid = cfg.grid
     reward = load_reward(cfg.reward, batch_size=cfg.reward_batch_size)
-    scores = reward(gen.prompts * len(grid), gen.responses)
+    scored = [Prompt(it.id, text, messages=it.messages and tuple(it.messages))
+              for it, text in zip(items, gen.prompts)]
+    scores = reward(scored * len(grid), gen.responses)
     rows = summarize(grid, scores, len(items))
     write_csv(rows, cfg.output)
     plot_sweep(rows, cfg.plot, title=f"{Path(cfg.model).name} vs {Path(cfg.reference_model).name}"
@@ -293,13 +297,18 @@ def score_and_write(cfg: SweepConfig, items: Sequence[PromptItem], gen: Generati
     return rows
 
 
-def run_sweep(cfg: SweepConfig) -> list[SweepRow]:
-    """Start the engine, generate the grid, free the engine, score and write; return the rows."""
+def run_sweep(cfg: SweepConfig, engine_args=None) -> list[SweepRow]:
+    """Start the engine, generate the grid, free the engine, score and write; return the rows.
+
+    ``engine_args``: a ``vllm.EngineArgs`` to start the engine from, unchanged (the
+    command line's); else ``cfg``'s model, reference, dtype, ... (``build_llm``).
+    """
     items = load_inputs(cfg)
     from vllm_align.data.engine import build_llm
 
     llm = build_llm(cfg.model, cfg.reference_model, dtype=cfg.dtype, seed=cfg.seed,
-                    max_model_len=cfg.max_model_len, llm_kwargs=cfg.llm_kwargs)
+                    max_model_len=cfg.max_model_len, llm_kwargs=cfg.llm_kwargs,
+                    engine_args=engine_args)
     try:
         gen = generate_grid(llm, cfg, items)
     finally:

@@ -28,15 +28,6 @@ from vllm_align.config import AlignParams, EngineAlignConfig
 from vllm_align.engine.mara_rows import MaraRows, StepResult, move_row
 from vllm_align.engine.reference_rows import ReferencePlan
 
-# One engine core per worker process; the pair model finds the state of the
-# engine it belongs to through its VllmConfig.
-_STATES: dict[int, "AlignBatchState"] = {}
-
-
-def state_for(vllm_config) -> "AlignBatchState | None":
-    return _STATES.get(id(vllm_config))
-
-
 class AlignBatchState(LogitsProcessor):
     """Batched per-request method codes and parameters.
 
@@ -76,7 +67,6 @@ class AlignBatchState(LogitsProcessor):
         self.discard_cpu = None
         self.generators: dict[int, torch.Generator] = {}
         self.mara_result: StepResult | None = None
-        _STATES[id(vllm_config)] = self
 
     # -- LogitsProcessor interface -------------------------------------
     def is_argmax_invariant(self) -> bool:

@@ -35,7 +35,6 @@ from vllm.model_executor.models import ModelRegistry
 from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 
 from vllm_align.config import EngineAlignConfig
-from vllm_align.engine.batch_state import state_for
 from vllm_align.engine.reference_rows import reference_forward_context
 from vllm_align.mara.agent import load_agent
 from vllm_align.patches.compiled_classes import own_compiled_classes
@@ -78,6 +77,9 @@ class AlignedPairForCausalLM(nn.Module):
         self.agents = [load_agent(path, expected_hidden_size=hf_config.hidden_size).to(
             vllm_config.device_config.device) for path in align.mara_agents.values()]
         self.vllm_config = vllm_config
+        # The engine's AlignBatchState, bound by the runner before each step
+        # (patches/model_runner.py); None in warm-up and profile runs before it.
+        self.align_state = None
         # Tokens the reference model has been run over (warm-up included).
         self.reference_tokens = 0
         self.make_empty_intermediate_tensors = getattr(
@@ -96,7 +98,7 @@ class AlignedPairForCausalLM(nn.Module):
         h_aligned = self.aligned(input_ids, positions, intermediate_tensors, None, **kwargs)
         if self.reference is None:
             return h_aligned
-        state = state_for(self.vllm_config)
+        state = self.align_state
         plan = state.take_reference_plan() if state is not None else None
         if plan is None:  # every row reads it (or a warm-up / dummy run)
             h_ref = self.reference(input_ids, positions, intermediate_tensors, None, **kwargs)
@@ -119,7 +121,7 @@ class AlignedPairForCausalLM(nn.Module):
         """
         h_aligned, *h_ref = hidden_states.split(self._hidden_sizes, dim=-1)
         logits = self.aligned.compute_logits(h_aligned)
-        state = state_for(self.vllm_config)
+        state = self.align_state
         if state is None or not state.take_sampling_call(hidden_states.shape[0]):
             return logits
         # Called on every tensor-parallel rank alike: it may gather across ranks.

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_align.config import AlignConfigError
+from vllm_align.checks import AlignConfigError
 
 PathLike = Union[str, os.PathLike]
 
@@ -106,8 +106,9 @@ class MaraAgent(nn.Module):
         if hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"MaraAgent takes hidden size {self.hidden_size}, "
                              f"got states of shape {tuple(hidden.shape)}")
-        return self.forward(hidden.to(device=self.ln.weight.device,
-                                      dtype=torch.float32))[..., ACCEPT]
+        # Through ``logits``, not ``forward``: subclasses (the SAC actor) return logits there.
+        logits = self.logits(hidden.to(device=self.ln.weight.device, dtype=torch.float32))
+        return torch.softmax(logits, dim=-1)[..., ACCEPT]
 
 
 # ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Collection, Mapping
 
-from vllm_align.config import AlignConfigError, unit_number
+from vllm_align.checks import AlignConfigError, unit_number
 
 DEFAULT_AGENT = "default"
 # Larger k act as the vocabulary size; beyond int32 a k is refused, not carried.

@@ -3,7 +3,7 @@
 1. Takes the toy world shipped in the repository (``vllm_align.toy.shipped``,
    made by ``vllm_align.toy.world``): a tiny SFT model, a DPO model trained
    from it to be polite, and the polite reward; and the MARA agent trained on
-   the SFT model with the SAC trainer (``vllm_align.train.toy.toy_agent``).
+   the SFT model with the SAC trainer (``vllm_align.toy.agent.toy_agent``).
    Nothing is built or trained: decoding starts at once.
 2. Offline: one ``vllm.LLM`` on the DPO model with the SFT model as reference
    and the trained agent decodes every held-out prompt with every method in
@@ -68,8 +68,10 @@ WIDTH = 100
 
 
 def default_out_dir() -> Path:
-    """``.cache/demo`` in the current directory (gitignored in the repository)."""
-    return Path.cwd() / ".cache" / "demo"
+    """``.cache/demo`` in the current directory (``toy.cache``)."""
+    from vllm_align.toy.cache import cache_dir
+
+    return cache_dir("demo")
 
 
 def main(out_dir: str | os.PathLike | None = None, *, serve: bool = True) -> int:
@@ -111,7 +113,7 @@ def main(out_dir: str | os.PathLike | None = None, *, serve: bool = True) -> int
 def _agent():
     """The shipped toy MARA agent, trained on the SFT model."""
     from vllm_align.toy import shipped
-    from vllm_align.train.toy import ToySettings
+    from vllm_align.toy.agent import ToySettings
 
     settings = ToySettings()
     _heading("MARA agent: SAC on the SFT model (vllm-align train-mara)")
@@ -188,7 +190,7 @@ def _mara_vs_base(world, agent) -> None:
     import gc
 
     from vllm_align.toy import mara as toy_mara
-    from vllm_align.train.toy import polite_count
+    from vllm_align.toy.world import polite_count
 
     n = len(toy_mara.SEEDS)
     _heading("MARA vs its base LLM: one LLM engine on the SFT model, the agents it was "

@@ -1,6 +1,6 @@
 """The SAC-trained toy agent through the engine: MARA against its base LLM.
 
-The agent (``vllm_align.train.toy.toy_agent``) was trained on the toy world's
+The agent (``vllm_align.toy.agent.toy_agent``) was trained on the toy world's
 SFT model, reading that model's final hidden states, to put polite words into
 16-token responses. Here it runs where users run it: a ``vllm.LLM`` serving
 the SFT model with the trained agent and the same run's untrained (initial)
@@ -18,7 +18,7 @@ reproducible whatever the batch. Greedy runs are exact.
 Why compare greedy decisions only with care: with fallback "last", an agent
 that rejects everything emits the least probable candidate, which in this
 world is often the polite one; the untrained actor is nearly such an agent,
-so its greedy score is high for no learned reason (``vllm_align.train.toy``).
+so its greedy score is high for no learned reason (``vllm_align.toy.agent``).
 Its sampled decisions (P(accept) ≈ 0.46) are the fair "before".
 """
 
@@ -77,7 +77,7 @@ RUNS: dict[str, Run] = {
 def build_engine(agent, *, seed: int = 0, **llm_kwargs: Any):
     """``vllm.LLM`` serving the agent's LLM (the SFT model) with agents "trained", "untrained".
 
-    ``agent`` is a ``vllm_align.train.toy.ToyAgent``.
+    ``agent`` is a ``vllm_align.toy.agent.ToyAgent``.
     """
     from vllm_align.data.engine import build_llm
 

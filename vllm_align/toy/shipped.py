@@ -2,7 +2,7 @@
 
 ``assets/`` (next to this file, installed as package data, ~7.6 MB) is a
 built toy world (``vllm_align.toy.world``: the SFT and DPO models with their
-tokenizer) with the SAC-trained toy agent (``vllm_align.train.toy``) and the
+tokenizer) with the SAC-trained toy agent (``vllm_align.toy.agent``) and the
 same run's untrained actor, exactly as ``build_toy_world`` and ``toy_agent``
 lay them out, stamps included. They are the demo's and the tests' default
 models, so neither builds nor trains anything before decoding.
@@ -54,8 +54,8 @@ def world() -> ToyWorld:
 
 
 def agent():
-    """The shipped toy MARA agent (``vllm_align.train.toy.ToyAgent``, read-only)."""
-    from vllm_align.train.toy import ToySettings, read_toy_agent
+    """The shipped toy MARA agent (``vllm_align.toy.agent.ToyAgent``, read-only)."""
+    from vllm_align.toy.agent import ToySettings, read_toy_agent
 
     world()
     found = read_toy_agent(ASSETS_DIR, ToySettings())
@@ -78,7 +78,7 @@ def rebuild(*, write: bool = False, work_dir: os.PathLike | None = None,
     shipped. With ``write``, the shipped files are replaced by the new ones
     (whether or not they matched).
     """
-    from vllm_align.train.toy import ToySettings, toy_agent
+    from vllm_align.toy.agent import ToySettings, toy_agent
     from vllm_align.toy.world import build_toy_world
 
     with tempfile.TemporaryDirectory() as scratch:

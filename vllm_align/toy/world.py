@@ -75,6 +75,15 @@ def polite_reward(response: str) -> float:
     return polite / total if total else 0.0
 
 
+def polite_count(prompt: str, response: str) -> float:
+    """R(x, y) = number of polite words in the response (what the toy agent is trained on).
+
+    Not the fraction: a fraction can be raised by ending the answer early, and
+    an agent trained on it learns exactly that (``Happy to help.</s>``).
+    """
+    return float(polite_words(response)[0])
+
+
 def polite_pair_reward(prompt: str, response: str) -> float:
     """``polite_reward`` with the data tools' reward signature (the prompt is ignored):
     ``--reward vllm_align.toy.world:polite_pair_reward``."""
@@ -242,13 +251,15 @@ def chat_messages(prompt: str) -> list[dict[str, str]]:
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """Token ids of the chat-formatted ``prompt`` ending with the assistant header.
 
-    The chat template adds ``<s>`` itself, so the rendered text is encoded
-    without special tokens (as vLLM's chat endpoint does). Feed these ids to
+    Rendered by the tools' one renderer (``vllm_align.data.prompts``): the chat
+    template adds ``<s>`` itself, so the rendered text is encoded without
+    special tokens (as vLLM's chat endpoint does). Feed these ids to
     ``LLM.generate`` as ``{"prompt_token_ids": ids}``.
     """
-    text = tokenizer.apply_chat_template(chat_messages(prompt), tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False).input_ids
+    from vllm_align.data.prompts import PromptItem
+    from vllm_align.data.prompts import encode_prompt as encode
+
+    return list(encode(tokenizer, PromptItem(0, 0, messages=chat_messages(prompt))).token_ids)
 
 
 # ---------------------------------------------------------------------------

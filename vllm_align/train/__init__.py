@@ -3,8 +3,9 @@
 No serving code and no vLLM imports here: ``config`` (typed hyper-parameters,
 paper table 6 defaults, and the run's ``TrainConfig``), ``sac`` (networks and
 the standalone update), ``replay`` (fixed-capacity replay buffer), ``rollout``
-(the MDP: batched HF rollouts with the agent in the loop), ``rewards``
-(reward/cost sources), ``prompts``, ``trainer`` (the loop, checkpoints,
+(the MDP: batched HF rollouts with the agent in the loop), ``terminal``
+(the terminal reward from the shared reward/cost scorers, ``data.rewards``),
+``prompts`` (prompt order; the sets are ``data.prompts``), ``trainer`` (the loop, checkpoints,
 metrics), ``distributed`` (Ray rollout workers).
 
 Names are imported lazily, so ``vllm_align.train.config`` loads without torch.
@@ -23,7 +24,7 @@ _EXPORTS = {
     "HFRollout": "rollout", "Rollout": "rollout", "RolloutBatch": "rollout",
     "RolloutSpec": "rollout", "Episode": "rollout",
     "MaraTrainer": "trainer", "TrainResult": "trainer", "train_mara": "trainer",
-    "load_scorer": "rewards", "TerminalReward": "rewards",
+    "load_scorer": "terminal", "TerminalReward": "terminal",
 }
 
 __all__ = sorted(_EXPORTS)

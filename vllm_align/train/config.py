@@ -25,39 +25,53 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from vllm_align.fields import option
+
 
 @dataclass
 class SACConfig:
     """Hyper-parameters of discrete SAC for MARA accept/reject agents."""
 
     # --- paper, table 6 -------------------------------------------------
-    batch_size: int = 1024  # transitions per SAC update (table 6)
-    actor_lr: float = 3e-4  # Adam learning rate of the actor, i.e. the MARA agent (table 6)
-    critic_lr: float = 3e-4  # Adam learning rate of both critics (table 6)
-    alpha_lr: float = 3e-4  # Adam learning rate of log(entropy coefficient) (table 6)
-    gamma: float = 0.99  # discount factor (table 6)
-    tau: float = 0.005  # Polyak rate of the target critics: target ← (1−τ)·target + τ·online (table 6)
-    buffer_size: int = 1_000_000  # replay buffer capacity in transitions (table 6)
-    kl_coef: float = 0.1  # λ of the token reward −λ·(log π_θ(t) − log π_ref(t)) (table 6)
-    max_response_len: int = 512  # response limit in tokens; reaching it ends the episode (table 6)
-    top_k: int = 40  # candidate top-k, as at inference (released scripts; table 6 says 50)
-    top_p: float = 0.95  # candidate top-p (nucleus), as at inference (table 6)
-    init_alpha: float = 0.8  # initial entropy coefficient α (table 6)
-    training_episodes: int = 20_000  # episodes (responses) to roll out in total (table 6)
+    batch_size: int = option(1024, "transitions per SAC update (table 6)")
+    actor_lr: float = option(3e-4, "Adam learning rate of the actor, i.e. the MARA agent "
+                                   "(table 6)")
+    critic_lr: float = option(3e-4, "Adam learning rate of both critics (table 6)")
+    alpha_lr: float = option(3e-4, "Adam learning rate of log(entropy coefficient) (table 6)")
+    gamma: float = option(0.99, "discount factor (table 6)")
+    tau: float = option(0.005, "Polyak rate of the target critics: "
+                               "target ← (1−τ)·target + τ·online (table 6)")
+    buffer_size: int = option(1_000_000, "replay buffer capacity in transitions (table 6)")
+    kl_coef: float = option(0.1, "λ of the token reward −λ·(log π_θ(t) − log π_ref(t)) (table 6)")
+    max_response_len: int = option(512, "response limit in tokens; reaching it ends the "
+                                        "episode (table 6)")
+    top_k: int = option(40, "candidate top-k, as at inference (released scripts; table 6 "
+                            "says 50)")
+    top_p: float = option(0.95, "candidate top-p (nucleus), as at inference (table 6)")
+    init_alpha: float = option(0.8, "initial entropy coefficient α (table 6)")
+    training_episodes: int = option(20_000, "episodes (responses) to roll out in total "
+                                            "(table 6)", flag="--episodes")
 
     # --- entropy ------------------------------------------------------------
-    autotune_entropy: bool = True  # learn α so the policy entropy tracks the target (else α fixed)
-    target_entropy_ratio: float = 0.5  # target entropy as a fraction of log 2, in [0, 1) (module doc)
+    autotune_entropy: bool = option(True, "keep the entropy coefficient fixed at "
+                                          "--init-alpha (default: learn α so the policy "
+                                          "entropy tracks the target)")
+    target_entropy_ratio: float = option(0.5, "target entropy as a fraction of log 2, in "
+                                              "[0, 1) (module doc)")
 
     # --- ours ----------------------------------------------------------------
-    max_grad_norm: Optional[float] = 10.0  # clip each network's gradient norm to this; None = no clipping
-    learning_starts: int = 10_000  # transitions in the buffer before the first update
-    updates_per_step: float = 1  # SAC updates per environment step (TrainConfig.rollout_batch transitions); may be fractional
-    seed: int = 0  # seed of network initialisation, replay sampling and rollouts
-    alpha_r: float = 1.0  # weight of the reward model in the terminal reward α_r·R − α_c·C
-    alpha_c: float = 1.0  # weight of the cost model in the terminal reward α_r·R − α_c·C
-    num_workers: int = 1  # rollout workers; 1 = single process, > 1 = Ray actors
-    buffer_fp16: bool = False  # store replay states as float16 (half the memory; sampled as float32)
+    max_grad_norm: Optional[float] = option(10.0, "clip each network's gradient norm to this "
+                                                  "(None in the API: no clipping)")
+    learning_starts: int = option(10_000, "transitions in the buffer before the first update")
+    updates_per_step: float = option(1, "SAC updates per environment step (rollout-batch "
+                                        "transitions); may be fractional")
+    seed: int = option(0, "seed of network initialisation, replay sampling, prompt order "
+                          "and rollouts")
+    alpha_r: float = option(1.0, "weight of R in the terminal reward α_r·R − α_c·C")
+    alpha_c: float = option(1.0, "weight of C in the terminal reward α_r·R − α_c·C")
+    num_workers: int = option(1, "rollout workers; 1 = single process, > 1 = Ray actors")
+    buffer_fp16: bool = option(False, "store replay states as float16 (half the memory; "
+                                      "sampled as float32)")
 
     @property
     def target_entropy(self) -> float:
@@ -144,31 +158,44 @@ DTYPES = ("float32", "bfloat16", "float16")
 class TrainConfig:
     """A MARA training run: the LLM, prompts, reward sources, SAC settings, bookkeeping.
 
-    ``reward`` and ``cost`` are ``vllm_align.train.rewards.load_scorer`` specs:
+    Each field's default and help are written once, in ``option(...)``:
+    ``vllm-align train-mara`` generates its flags from them (``vllm_align.fields``).
+    ``reward`` and ``cost`` are ``vllm_align.data.rewards.load_reward`` specs:
     a Hugging Face sequence-classification directory with a 1-output score
     head, ``MODULE:FUNCTION`` / ``FILE.py:FUNCTION`` naming
     ``fn(prompt, response) -> float``, or such a callable. The terminal reward
     is ``sac.alpha_r·R − sac.alpha_c·C``.
     """
 
-    model: str  # the LLM (HF checkpoint): candidates, π_ref and the agent's state come from it
-    prompts: Any  # JSONL file ('prompt' or chat 'messages'), a `datasets` directory, or a list
-    output_dir: str  # checkpoints, agent.safetensors, metrics.csv
-    reward: Any = None  # R(x, y): reward model directory, MODULE:FN, FILE.py:FN or callable
-    cost: Any = None  # C(x, y): same kinds; None = no cost
-    sac: SACConfig = dataclasses.field(default_factory=SACConfig)  # SAC/MDP hyper-parameters
-    rollout_batch: int = 64  # episodes rolled out together (per worker); one environment step = this many transitions
-    checkpoint_every: int = 1000  # episodes between checkpoints (one is always written at the end)
-    keep_checkpoints: int = 2  # newest checkpoints kept on disk
-    save_replay: bool = False  # put the replay buffer in checkpoints (exact resume; large)
-    resume: bool = False  # continue from the newest checkpoint in output_dir
-    dtype: str = "float32"  # LLM dtype; states are stored and fed to the agent as float32
-    device: str = "cpu"  # device of the LLM, the reward models and the learner
-    threads: Optional[int] = None  # torch threads per process (None: torch's default)
-    reward_batch_size: int = 16  # pairs per reward/cost model forward
-    progress: bool = True  # tqdm progress bar
-    log_every: int = 10  # a console metrics line every this many rollouts
-    tensorboard: bool = False  # also log to output_dir/tensorboard (needs the tensorboard package)
+    model: str = option(help="the LLM (Hugging Face checkpoint): candidates, π_ref and the "
+                             "agent's state come from it")
+    prompts: Any = option(help="JSONL ('prompt' or chat 'messages' per line), a `datasets` "
+                               "directory, or (API) a list", metavar="PATH")
+    output_dir: str = option(help="checkpoints/, agent.safetensors (the trained agent), "
+                                  "metrics.csv")
+    reward: Any = option(None, "R(x, y): a sequence-classification model (1-output score head; "
+                               "chat-template input, vllm_align.data.rewards), or "
+                               "MODULE:FUNCTION / FILE.py:FUNCTION with fn(prompt, response) -> "
+                               "float (or, API, the callable)", metavar="SPEC")
+    cost: Any = option(None, "C(x, y), same kinds as --reward; none = no cost", metavar="SPEC")
+    sac: SACConfig = option(default_factory=SACConfig, cli=False)  # SAC/MDP hyper-parameters
+    rollout_batch: int = option(64, "episodes rolled out together per worker; one "
+                                    "environment step = this many transitions")
+    checkpoint_every: int = option(1000, "episodes between checkpoints (one is always "
+                                         "written at the end)")
+    keep_checkpoints: int = option(2, "newest checkpoints kept on disk")
+    save_replay: bool = option(False, "include the replay buffer in checkpoints (exact "
+                                      "resume; large)")
+    resume: bool = option(False, "continue from the newest checkpoint in --output-dir")
+    dtype: str = option("float32", "LLM dtype; states are stored and fed to the agent as "
+                                   "float32", choices=DTYPES)
+    device: str = option("cpu", "device of the LLM, the reward models and the learner")
+    threads: Optional[int] = option(None, "torch threads per process (None: torch's default)")
+    reward_batch_size: int = option(16, "pairs per reward/cost model forward")
+    progress: bool = option(True, "no progress bar")
+    log_every: int = option(10, "a console metrics line every N rollouts")
+    tensorboard: bool = option(False, "also log to OUTPUT_DIR/tensorboard (needs the "
+                                      "tensorboard package)")
 
     def validate(self) -> "TrainConfig":
         """Check every field; raise ``ValueError`` naming the first bad one. Returns self."""

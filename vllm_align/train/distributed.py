@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from vllm_align.train.prompts import Prompt
+from vllm_align.data.prompts import Prompt
 from vllm_align.train.rollout import HFRollout, RolloutBatch, RolloutSpec
 
 
@@ -53,15 +53,18 @@ def _ray():
 
 def run_workers(trainer, prompts: list[Prompt], report: Callable[[dict], None],
                 threads: Optional[int] = None) -> None:
-    """Drive ``trainer`` (a ``MaraTrainer`` mid-``train``) with Ray rollout workers."""
-    from vllm_align.train.trainer import rollout_seed, rollout_spec
+    """Drive ``trainer`` (a ``MaraTrainer`` mid-``train``) with Ray rollout workers.
 
+    Uses only the trainer's interface (``next_prompts``, ``next_rollout_seed``,
+    ``actor_state``, ``consume``, ``maybe_checkpoint``), so this module never
+    imports the trainer's.
+    """
     ray = _ray()
     cfg = trainer.cfg
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
     worker_cls = ray.remote(num_cpus=1)(RolloutWorker)
-    spec = rollout_spec(cfg)
+    spec = RolloutSpec.from_config(cfg)
     workers = [worker_cls.remote(spec, i, threads or cfg.threads or 1)
                for i in range(cfg.sac.num_workers)]
     total = cfg.sac.training_episodes
@@ -78,8 +81,7 @@ def run_workers(trainer, prompts: list[Prompt], report: Callable[[dict], None],
         if weights_version != trainer.sac.num_updates:  # broadcast each version once
             weights_ref = ray.put(trainer.actor_state())
             weights_version = trainer.sac.num_updates
-        seed = rollout_seed(cfg.sac.seed, trainer.rollouts)
-        trainer.rollouts += 1
+        seed = trainer.next_rollout_seed()
         handed_out += len(batch)
         in_flight[workers[w].collect.remote(batch, weights_ref, seed)] = w
 

@@ -44,9 +44,10 @@ import torch
 
 from vllm_align.mara.agent import ACCEPT, MaraAgent
 from vllm_align.mara.rules import candidate_set
-from vllm_align.train.prompts import Prompt
-from vllm_align.train.rewards import TerminalReward, load_scorer
+from vllm_align.data.prompts import Prompt
+from vllm_align.train.config import TrainConfig
 from vllm_align.train.sac import Batch
+from vllm_align.train.terminal import TerminalReward, load_scorer
 
 DECISION_MODES = ("sampled", "greedy", "plain", "reference")
 
@@ -118,7 +119,7 @@ class RolloutSpec:
     """Everything a (possibly remote) ``HFRollout`` is built from; picklable."""
 
     model: str
-    reward: Any = None  # load_scorer spec (a callable must be picklable for Ray)
+    reward: Any = None  # data.rewards.load_reward spec (a callable must be picklable for Ray)
     cost: Any = None
     alpha_r: float = 1.0
     alpha_c: float = 1.0
@@ -131,6 +132,21 @@ class RolloutSpec:
     device: str = "cpu"
     reward_batch_size: int = 16
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "RolloutSpec":
+        """The rollout of a training run (every worker builds the same one)."""
+        s = cfg.sac
+        return cls(model=str(cfg.model), reward=cfg.reward, cost=cfg.cost, alpha_r=s.alpha_r,
+                   alpha_c=s.alpha_c, kl_coef=s.kl_coef, top_k=s.top_k, top_p=s.top_p,
+                   max_response_len=s.max_response_len, dtype=cfg.dtype, device=cfg.device,
+                   reward_batch_size=cfg.reward_batch_size)
+
+    def terminal(self) -> TerminalReward:
+        """The terminal reward of these rollouts, its scorers loaded."""
+        kw = dict(batch_size=self.reward_batch_size, device=self.device)
+        return TerminalReward(load_scorer(self.reward, **kw), load_scorer(self.cost, **kw),
+                              self.alpha_r, self.alpha_c)
 
 
 def quiet_load(load, *args, **kwargs):
@@ -191,10 +207,7 @@ class HFRollout:
     @classmethod
     def from_spec(cls, spec: RolloutSpec) -> "HFRollout":
         model, tokenizer = load_causal_lm(spec.model, spec.dtype, spec.device)
-        kw = dict(batch_size=spec.reward_batch_size, device=spec.device)
-        terminal = TerminalReward(load_scorer(spec.reward, **kw), load_scorer(spec.cost, **kw),
-                                  spec.alpha_r, spec.alpha_c)
-        return cls(model, tokenizer, terminal, kl_coef=spec.kl_coef, top_k=spec.top_k,
+        return cls(model, tokenizer, spec.terminal(), kl_coef=spec.kl_coef, top_k=spec.top_k,
                    top_p=spec.top_p, max_response_len=spec.max_response_len,
                    threshold=spec.threshold)
 

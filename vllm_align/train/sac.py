@@ -32,38 +32,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vllm_align.mara.agent import WIDTHS, MaraAgent
 from vllm_align.train.config import SACConfig
 
-NUM_ACTIONS = 2  # 0 = reject, 1 = accept
-HIDDEN_SIZES = (1024, 256)  # the MARA agent's trunk (paper table 6: [d, 1024, 256])
 
-
-class _MaraMLP(nn.Module):
-    """LayerNorm(d) → Linear(d,1024) → ReLU → Linear(1024,256) → ReLU → Linear(256,2)."""
-
-    def __init__(self, state_dim: int, hidden: tuple[int, int] = HIDDEN_SIZES) -> None:
-        super().__init__()
-        self.ln = nn.LayerNorm(state_dim)
-        self.linear1 = nn.Linear(state_dim, hidden[0])
-        self.linear2 = nn.Linear(hidden[0], hidden[1])
-        self.output_linear = nn.Linear(hidden[1], NUM_ACTIONS)
-
-    def forward(self, state: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.linear1(self.ln(state)))
-        x = F.relu(self.linear2(x))
-        return self.output_linear(x)
-
-
-class MaraActor(_MaraMLP):
-    """The MARA agent; ``forward`` returns logits over (reject, accept).
+class MaraActor(MaraAgent):
+    """The MARA agent network as SAC trains it: ``forward`` returns the logits over
+    (reject, accept) ``[N, 2]`` (``MaraAgent.logits``), not probabilities.
 
     The inference agent applies softmax and accepts when P(accept) > 0.5, i.e.
     when logit[1] > logit[0]; ``state_dict()`` has the released checkpoints' keys.
     """
 
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.logits(state)
 
-class Critic(_MaraMLP):
-    """Q-network: state [N, d] → Q-values of (reject, accept) [N, 2]; same trunk as the agent."""
+
+class Critic(MaraActor):
+    """Q-network: state [N, d] → Q-values of (reject, accept) [N, 2]; the agent's network."""
 
 
 class Batch(NamedTuple):
@@ -103,7 +89,7 @@ class SACState:
 
     @classmethod
     def create(cls, state_dim: int, cfg: SACConfig, device: Union[str, torch.device] = "cpu",
-               hidden: tuple[int, int] = HIDDEN_SIZES) -> "SACState":
+               hidden: tuple[int, int] = WIDTHS) -> "SACState":
         """Fresh networks seeded by ``cfg.seed`` (the global RNG is left as it was)."""
         cfg.validate()
         if isinstance(state_dim, bool) or not isinstance(state_dim, int) or state_dim < 1:

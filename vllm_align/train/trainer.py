@@ -33,7 +33,8 @@ import torch
 from vllm_align.train import checkpoint as ckpt
 from vllm_align.train.config import TrainConfig
 from vllm_align.train.metrics import MetricsLog, console_line, mean_sac, rollout_stats
-from vllm_align.train.prompts import Prompt, PromptSampler, load_prompts
+from vllm_align.data.prompts import Prompt, load_prompts
+from vllm_align.train.prompts import PromptSampler
 from vllm_align.train.replay import ReplayBuffer
 from vllm_align.train.rollout import HFRollout, Rollout, RolloutBatch, RolloutSpec
 from vllm_align.train.sac import SACState, sac_update
@@ -59,14 +60,6 @@ class TrainResult:
 
 def rollout_seed(seed: int, rollout_index: int) -> int:
     return seed * 1_000_003 + rollout_index
-
-
-def rollout_spec(cfg: TrainConfig) -> RolloutSpec:
-    s = cfg.sac
-    return RolloutSpec(model=str(cfg.model), reward=cfg.reward, cost=cfg.cost,
-                       alpha_r=s.alpha_r, alpha_c=s.alpha_c, kl_coef=s.kl_coef, top_k=s.top_k,
-                       top_p=s.top_p, max_response_len=s.max_response_len, dtype=cfg.dtype,
-                       device=cfg.device, reward_batch_size=cfg.reward_batch_size)
 
 
 class MaraTrainer:
@@ -235,6 +228,7 @@ class MaraTrainer:
             if sac_cfg.num_workers > 1:
                 from vllm_align.train.distributed import run_workers
 
+                # distributed.py drives this trainer through its methods only.
                 run_workers(self, prompts, lambda row: self._report(row, bar))
             else:
                 self._run_local(prompts, bar)
@@ -251,18 +245,22 @@ class MaraTrainer:
                            updates=self.sac.num_updates, elapsed_s=self._elapsed(),
                            last_rows=self.rows[-5:])
 
+    def next_rollout_seed(self) -> int:
+        """The seed of the next rollout handed out (counts it)."""
+        self.rollouts += 1
+        return rollout_seed(self.cfg.sac.seed, self.rollouts - 1)
+
     def next_prompts(self, prompts: list[Prompt], handed_out: int) -> list[Prompt]:
         n = min(self.cfg.rollout_batch, self.cfg.sac.training_episodes - handed_out)
         return [prompts[i] for i in self.sampler.take(n)]
 
     def _run_local(self, prompts: list[Prompt], bar) -> None:
-        rollout = self._rollout or HFRollout.from_spec(rollout_spec(self.cfg))
+        rollout = self._rollout or HFRollout.from_spec(RolloutSpec.from_config(self.cfg))
         since = self.episodes
         while self.episodes < self.cfg.sac.training_episodes:
             batch_prompts = self.next_prompts(prompts, self.episodes)
             batch = rollout.collect(batch_prompts, self.actor_state(),
-                                    seed=rollout_seed(self.cfg.sac.seed, self.rollouts))
-            self.rollouts += 1
+                                    seed=self.next_rollout_seed())
             row = self.consume(batch)
             self._report(row, bar)
             since = self.maybe_checkpoint(since)

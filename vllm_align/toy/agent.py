@@ -1,11 +1,12 @@
-"""A toy MARA task that trains in minutes on a CPU: politeness on the toy world's SFT model.
+"""The toy MARA agent's recipe: politeness on the toy world's SFT model, trained in
+minutes on a CPU with the SAC trainer (``vllm_align.train``).
 
 The LLM is the toy world's SFT model (``vllm_align.toy.world``): its answers
 open with a plain or polite opener ("Sure thing." / "Thank you.") and each
 sentence with a plain or polite lead-in ("Note that" / "Please note"); greedy
 decoding is rarely polite. Polite variants are often among the top-k/top-p
 candidates, but behind the plain ones. The reward is the number of polite
-words in the (16-token) response, ``polite_count``; an agent that learns to
+words in the (16-token) response, ``toy.world.polite_count``; an agent that learns to
 reject the plain variants there raises it, the KL term keeps it from
 wandering into improbable text elsewhere.
 
@@ -17,7 +18,8 @@ decisions (the policy SAC optimises; 4 seeds) and greedy decisions (the
 served default). ``benchmarks/train_mara_toy.py`` runs it and writes the
 learning curve to ``docs/mara-training/``.
 
-``toy_agent`` is the same training, cached next to the toy world (stamped,
+``toy_agent`` is the same training, cached next to the toy world
+(``toy.cache.agent_dir``; stamped,
 file-locked, reused): the agent the tests, the demo and ``vllm_align.toy.mara``
 (the agent through the vLLM engine) share, trained once per cache.
 
@@ -41,20 +43,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from vllm_align.toy import models as toy_models
 from vllm_align.toy import world as toy_world
-
-
-def polite_reward(prompt: str, response: str) -> float:
-    """Fraction of the response's words that are polite (the toy world's rule)."""
-    return toy_world.polite_reward(response)
-
-
-def polite_count(prompt: str, response: str) -> float:
-    """R(x, y) = number of polite words in the response (what the toy agent is trained on).
-
-    Not the fraction: a fraction can be raised by ending the answer early, and
-    an agent trained on it learns exactly that (``Happy to help.</s>``).
-    """
-    return float(toy_world.polite_words(response)[0])
+from vllm_align.toy.cache import agent_dir
+from vllm_align.toy.world import polite_count
 
 
 def train_records(seed: int = 0, num: int = 512) -> list[dict]:
@@ -111,7 +101,7 @@ class ToySettings:
                         buffer_size=200_000)
         fields = dict(model=str(world_dir / "sft"), prompts=train_records(
             self.seed, self.num_train_prompts), output_dir=str(out_dir),
-            reward="vllm_align.train.toy:polite_count", sac=sac,
+            reward="vllm_align.toy.world:polite_count", sac=sac,
             rollout_batch=self.rollout_batch, checkpoint_every=512, threads=self.threads,
             progress=False, log_every=4)
         fields.update(overrides)
@@ -132,13 +122,14 @@ def evaluate(model_path: str, runs: dict[str, tuple[Optional[dict], str]], *,
     once per seed. Returns {name: {"reward", "accept_rate", "responses"}}
     (responses of the first seed).
     """
-    from vllm_align.train.prompts import load_prompts
-    from vllm_align.train.rewards import CallableScorer, TerminalReward
+    from vllm_align.data.prompts import load_prompts
+    from vllm_align.data.rewards import load_reward
     from vllm_align.train.rollout import HFRollout, load_causal_lm
+    from vllm_align.train.terminal import TerminalReward
 
     model, tokenizer = load_causal_lm(model_path)
     prompts = load_prompts(eval_records(), tokenizer)
-    rollout = HFRollout(model, tokenizer, TerminalReward(CallableScorer(polite_count), None),
+    rollout = HFRollout(model, tokenizer, TerminalReward(load_reward(polite_count), None),
                         top_k=top_k, top_p=top_p, max_response_len=max_response_len)
     out = {}
     for name, (state, decisions) in runs.items():
@@ -160,7 +151,6 @@ def evaluate(model_path: str, runs: dict[str, tuple[Optional[dict], str]], *,
 
 # Bump when the training recipe changes in a way ToySettings does not record.
 AGENT_RECIPE_VERSION = 1
-AGENT_DIR = "mara-agent"  # under the world's directory
 UNTRAINED_FILE = "untrained.safetensors"
 
 
@@ -210,7 +200,7 @@ def _sha256(path: Path) -> str:
 
 
 def _agent_files(world_dir: Path) -> ToyAgent:
-    out = world_dir / AGENT_DIR
+    out = agent_dir(world_dir)
     return ToyAgent(model=world_dir / "sft", trained=out / "agent.safetensors",
                     untrained=out / UNTRAINED_FILE, metrics_csv=out / "metrics.csv", stats={})
 

@@ -1,0 +1,31 @@
+"""``apply_patches()``: every patch, once per process, in dependency order.
+
+Written for vLLM 0.32 (each patch checks it before it patches anything).
+"""
+
+from __future__ import annotations
+
+_applied = False
+
+
+def apply_patches() -> None:
+    """Apply all patches once per process, in dependency order."""
+    global _applied
+    if _applied:
+        return
+    from vllm_align.patches import (attention_metadata, engine_args, input_processor,
+                                    model_runner, openai_request, output_processor,
+                                    scheduler, serve_command, vllm_config)
+
+    for patch in (vllm_config.VllmConfigPatch,  # the runner choice, read by all below
+                  engine_args.EngineArgsPatch,
+                  input_processor.InputProcessorPatch,
+                  openai_request.CompletionRequestPatch,
+                  openai_request.ChatCompletionRequestPatch,
+                  serve_command.ServeSubcommandPatch,
+                  scheduler.SchedulerPatch,
+                  model_runner.ModelRunnerPatch,
+                  attention_metadata.AttentionMetadataPatch,  # reads the step mark set above
+                  output_processor.OutputProcessorPatch):
+        patch.apply()
+    _applied = True
