@@ -120,6 +120,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="write the results here")
 
 
+def write_report(report: dict, path: str | None) -> None:
+    """Print a benchmark's report as JSON, and write it to ``path`` (``--json``) if given."""
+    print(json.dumps(report, indent=2))
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+
+
 def bench_pair(args) -> tuple[str, str]:
     """(aligned, reference) paths of the locally built pair the flags describe (cached)."""
     from vllm_align.toy.models import build_llama_pair
@@ -168,10 +176,7 @@ def main(argv=None) -> int:
             "dera/hf-dera-batch1": round(results["dera"] / results["hf-dera-batch1"], 2),
         },
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(report, args.json)
     return 0
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import platform
@@ -160,7 +159,7 @@ def walk_summary(stats) -> dict:
 
 
 def main(argv=None) -> int:
-    from bench_align import _prompts, add_model_args, bench_pair
+    from bench_align import _prompts, add_model_args, bench_pair, write_report
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=128)
@@ -217,10 +216,7 @@ def main(argv=None) -> int:
                    "mara/hf-mara": round(tps["mara"] / tps["hf-mara"], 2),
                    "mara-flat/hf-flat": round(tps["mara-flat"] / tps["hf-flat"], 2)},
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(report, args.json)
     return 0
 
 

@@ -114,7 +114,7 @@ def bench_pairs(llm, aligned: str, reference: str, prompts: Path, tokens: int, s
 
 
 def main(argv=None) -> int:
-    from bench_align import add_model_args, bench_pair
+    from bench_align import add_model_args, bench_pair, write_report
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=128)
@@ -188,10 +188,7 @@ def main(argv=None) -> int:
         "ratio_pairs_over_alone_median": round(statistics.median(per_repeat_alone), 3),
         "pairs_identical_to_bare": f"{min(same)}/{len(reference_texts)}",
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(report, args.json)
     return 0
 
 

@@ -23,7 +23,6 @@ Usage: python benchmarks/bench_reference_rows.py [--prompts 32] [--tokens 64]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -70,7 +69,7 @@ def rate(llm, inputs, params) -> float:
 
 
 def main(argv=None) -> int:
-    from bench_align import _prompts, add_model_args, bench_pair
+    from bench_align import _prompts, add_model_args, bench_pair, write_report
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=32)
@@ -116,10 +115,7 @@ def main(argv=None) -> int:
         "kv_tokens_per_gib": {"plain": round(kv_tokens_per_gib(plain)),
                               "pair (any request)": round(kv_tokens_per_gib(pair))},
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(report, args.json)
     return 0
 
 
