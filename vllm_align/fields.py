@@ -23,10 +23,12 @@ _MISSING = dataclasses.MISSING
 
 def option(default: Any = _MISSING, help: str = "", *, default_factory: Any = _MISSING,
            flag: str | None = None, metavar: str | None = None,
-           choices: tuple | None = None, cli: bool = True) -> Any:
+           choices: tuple | None = None, cli: bool = True, positional: bool = False) -> Any:
     """A dataclass field with its flag's help (and optionally its name, metavar, choices);
-    ``cli=False`` keeps it off the command line."""
-    meta = {"help": help, "flag": flag, "metavar": metavar, "choices": choices, "cli": cli}
+    ``cli=False`` keeps it off the command line, ``positional`` makes it a positional
+    argument."""
+    meta = {"help": help, "flag": flag, "metavar": metavar, "choices": choices, "cli": cli,
+            "positional": positional}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -50,6 +52,9 @@ def add_flags(parser: argparse.ArgumentParser, cls, *, prefix: str = "") -> None
         meta, kind = f.metadata, _kind(f)
         name = "--" + f.name.replace("_", "-")
         dest = prefix + f.name
+        if meta.get("positional"):
+            parser.add_argument(dest, type=kind, metavar=meta["metavar"], help=meta["help"])
+            continue
         if kind is bool:
             on = f.default is not True
             parser.add_argument(meta["flag"] or (name if on else "--no-" + name[2:]), dest=dest,

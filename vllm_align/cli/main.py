@@ -169,19 +169,16 @@ def train_mara(args: argparse.Namespace) -> int:
     return 0
 
 
-_REWARD_HELP = ("a sequence-classification checkpoint (path or hub name, one output; it "
-                "scores the conversation its chat template renders, else prompt+response) or "
-                "a Python 'module:function' / 'path/to/file.py:function' with signature "
-                "f(prompt, response) -> float")
-
 
 def _sweep_args(p: argparse.ArgumentParser) -> None:
+    from vllm_align.data.rewards import REWARD_HELP
+
     # --model, --reference-model (required here), --seed, --dtype, --max-model-len,
     # --max-num-seqs, ...: vLLM's engine arguments (_engine_args).
     p.add_argument("--prompts", required=True, metavar="IN.jsonl",
                    help="one JSON object per line with 'prompt' or chat 'messages' "
                    "(optional 'id')")
-    p.add_argument("--reward", required=True, metavar="SPEC", help="the reward: " + _REWARD_HELP)
+    p.add_argument("--reward", required=True, metavar="SPEC", help="the reward: " + REWARD_HELP)
     p.add_argument("--output", required=True, metavar="OUT.csv",
                    help="CSV: method,parameter,n,mean,stderr per grid point")
     p.add_argument("--plot", default=None, metavar="OUT.png",
@@ -222,27 +219,19 @@ def sweep(args: argparse.Namespace) -> int:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("a", metavar="A.jsonl", help="responses of system A (the one rated)")
-    p.add_argument("b", metavar="B.jsonl", help="responses of system B (the baseline)")
-    p.add_argument("--reward", required=True, metavar="SPEC",
-                   help="higher is better: " + _REWARD_HELP)
-    p.add_argument("--cost", default=None, metavar="SPEC",
-                   help="lower is better (same forms as --reward); enables the preference rate")
-    p.add_argument("--a-field", default="response", help="A's response field (default: response)")
-    p.add_argument("--b-field", default="response", help="B's response field (default: response)")
-    p.add_argument("--json", default=None, metavar="OUT.json", dest="json_out",
-                   help="also write the report as JSON")
-    p.add_argument("--batch-size", type=int, default=16, help="texts per reward-model forward")
+    from vllm_align.data.evaluate import EvalConfig
+    from vllm_align.fields import add_flags
+
+    add_flags(p, EvalConfig)
 
 
 @command("eval", "compare two response files: win rate (AAD) and preference rate (MARA)",
          args=_eval_args)
 def evaluate(args: argparse.Namespace) -> int:
     from vllm_align.data.evaluate import EvalConfig, format_report, run_eval
+    from vllm_align.fields import flag_values
 
-    report = run_eval(EvalConfig(a=args.a, b=args.b, reward=args.reward, cost=args.cost,
-                                 a_field=args.a_field, b_field=args.b_field,
-                                 json_out=args.json_out, batch_size=args.batch_size))
+    report = run_eval(EvalConfig(**flag_values(EvalConfig, args)))
     print(format_report(report))
     return 0
 

@@ -28,18 +28,26 @@ from typing import Any, Sequence
 
 from vllm_align.data.metrics import mean_sem, preference_rate, win_rate
 from vllm_align.data.prompts import DataError, Prompt, json_objects, valid_messages
+from vllm_align.data.rewards import REWARD_HELP
+from vllm_align.fields import option
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    a: str
-    b: str
-    reward: str
-    cost: str | None = None
-    a_field: str = "response"
-    b_field: str = "response"
-    json_out: str | None = None
-    batch_size: int = 16
+    """``vllm-align eval``: its flags are these fields (``vllm_align.fields``)."""
+
+    a: str = option(help="responses of system A (the one rated)", positional=True,
+                    metavar="A.jsonl")
+    b: str = option(help="responses of system B (the baseline)", positional=True,
+                    metavar="B.jsonl")
+    reward: str = option(help="higher is better: " + REWARD_HELP, metavar="SPEC")
+    cost: str | None = option(None, "lower is better (same forms as --reward); enables the "
+                              "preference rate", metavar="SPEC")
+    a_field: str = option("response", "A's response field")
+    b_field: str = option("response", "B's response field")
+    json_out: str | None = option(None, "also write the report as JSON", flag="--json",
+                                  metavar="OUT.json")
+    batch_size: int = option(16, "texts per reward-model forward")
 
     def __post_init__(self) -> None:
         if not self.reward or not self.reward.strip():

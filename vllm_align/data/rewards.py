@@ -45,6 +45,12 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 from vllm_align.data.prompts import DataError
 
+# The --reward / --cost forms, for every tool that takes them.
+REWARD_HELP = ("a sequence-classification checkpoint (path or hub name, one output; it "
+                "scores the conversation its chat template renders, else prompt+response) or "
+                "a Python 'module:function' / 'path/to/file.py:function' with signature "
+                "f(prompt, response) -> float")
+
 RewardFn = Callable[[Sequence[Any], Sequence[str]], list[float]]
 PromptLike = Union[str, Any]   # a str, or an object with .text and .messages (data.prompts.Prompt)
 
