@@ -23,12 +23,14 @@ _MISSING = dataclasses.MISSING
 
 def option(default: Any = _MISSING, help: str = "", *, default_factory: Any = _MISSING,
            flag: str | None = None, metavar: str | None = None,
-           choices: tuple | None = None, cli: bool = True, positional: bool = False) -> Any:
+           choices: tuple | None = None, cli: bool = True, positional: bool = False,
+           parse: Any = None) -> Any:
     """A dataclass field with its flag's help (and optionally its name, metavar, choices);
     ``cli=False`` keeps it off the command line, ``positional`` makes it a positional
-    argument."""
+    argument, ``parse`` is the flag's type when the annotation's would be wrong (the
+    field's own validation may parse further)."""
     meta = {"help": help, "flag": flag, "metavar": metavar, "choices": choices, "cli": cli,
-            "positional": positional}
+            "positional": positional, "parse": parse}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -39,6 +41,8 @@ def _cli_fields(cls) -> list[dataclasses.Field]:
 
 
 def _kind(f: dataclasses.Field) -> type:
+    if f.metadata.get("parse") is not None:
+        return f.metadata["parse"]
     text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     for name, kind in (("bool", bool), ("float", float), ("int", int)):
         if name in text:

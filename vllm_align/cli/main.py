@@ -171,46 +171,22 @@ def train_mara(args: argparse.Namespace) -> int:
 
 
 def _sweep_args(p: argparse.ArgumentParser) -> None:
-    from vllm_align.data.rewards import REWARD_HELP
+    from vllm_align.data.sweep import SweepConfig
+    from vllm_align.fields import add_flags
 
     # --model, --reference-model (required here), --seed, --dtype, --max-model-len,
     # --max-num-seqs, ...: vLLM's engine arguments (_engine_args).
-    p.add_argument("--prompts", required=True, metavar="IN.jsonl",
-                   help="one JSON object per line with 'prompt' or chat 'messages' "
-                   "(optional 'id')")
-    p.add_argument("--reward", required=True, metavar="SPEC", help="the reward: " + REWARD_HELP)
-    p.add_argument("--output", required=True, metavar="OUT.csv",
-                   help="CSV: method,parameter,n,mean,stderr per grid point")
-    p.add_argument("--plot", default=None, metavar="OUT.png",
-                   help="reward-vs-lambda plot (default: --output with .png)")
-    p.add_argument("--lambdas", default=(), metavar="L1,L2,...",
-                   help="DeRa lambda values, e.g. 0,0.5,1,2 (0 = reference, 1 = aligned)")
-    p.add_argument("--alphas", default=(), metavar="A1,A2,...",
-                   help="AAD alpha values in (0, 1], e.g. 0.1")
-    p.add_argument("--responses-dir", default=None, metavar="DIR",
-                   help="also write one JSONL of responses and rewards per grid point "
-                   "(the format `vllm-align eval` reads)")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="0 = greedy (the papers' setting); when sampling, prompt i uses "
-                   "--seed + i at every grid point")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--reward-batch-size", type=int, default=16,
-                   help="texts per reward-model forward")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_flags(p, SweepConfig)
 
 
 @command("sweep", "mean reward over a grid of DeRa lambdas / AAD alphas (one engine run): "
          "CSV + PNG", args=_sweep_args, engine=True)
 def sweep(args: argparse.Namespace) -> int:
     from vllm_align.data.sweep import SweepConfig, format_rows, run_sweep
+    from vllm_align.fields import flag_values
 
-    cfg = SweepConfig(
-        model=args.model, reference_model=args.reference_model, prompts=args.prompts,
-        reward=args.reward, output=args.output, plot=args.plot, lambdas=args.lambdas,
-        alphas=args.alphas, responses_dir=args.responses_dir, max_tokens=args.max_tokens,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-        reward_batch_size=args.reward_batch_size, progress=not args.no_progress)
+    cfg = SweepConfig(model=args.model, reference_model=args.reference_model, seed=args.seed,
+                      **flag_values(SweepConfig, args))
     rows = run_sweep(cfg, engine_args=_engine_args(args))
     print(format_rows(rows))
     print(f"\nCSV: {cfg.output}\nplot: {cfg.plot}"

@@ -31,13 +31,15 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from vllm_align.config import EXTRA_ARGS_KEY, AlignConfigError, AlignParams
 from vllm_align.data.metrics import mean_sem
 from vllm_align.data.prompts import DataError, Prompt, PromptItem, read_prompts, render_prompt
+from vllm_align.data.rewards import REWARD_HELP
+from vllm_align.fields import option
 
 CSV_FIELDS = ("method", "parameter", "n", "mean", "stderr")
 
@@ -83,26 +85,38 @@ def parse_grid(text: str | Sequence[float], flag: str) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """Everything ``vllm-align sweep`` needs, validated on construction."""
+    """Everything ``vllm-align sweep`` needs, validated on construction.
 
-    model: str
-    reference_model: str
-    prompts: str
-    reward: str
-    output: str                          # CSV path
-    lambdas: tuple[float, ...] = ()
-    alphas: tuple[float, ...] = ()
-    plot: str | None = None              # PNG path; default: ``output`` with .png
-    responses_dir: str | None = None
-    max_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    reward_batch_size: int = 16
-    progress: bool = True
-    llm_kwargs: dict = field(default_factory=dict)
+    The ``option`` fields are the command's own flags (``vllm_align.fields``);
+    the engine's (model, reference model, seed, dtype, ...) are vLLM's.
+    """
+
+    model: str = option(cli=False)
+    reference_model: str = option(cli=False)
+    prompts: str = option(help="one JSON object per line with 'prompt' or chat 'messages' "
+                          "(optional 'id')", metavar="IN.jsonl")
+    reward: str = option(help="the reward: " + REWARD_HELP, metavar="SPEC")
+    output: str = option(help="CSV: method,parameter,n,mean,stderr per grid point",
+                         metavar="OUT.csv")
+    lambdas: tuple[float, ...] = option((), "DeRa lambda values, e.g. 0,0.5,1,2 (0 = reference, "
+                                        "1 = aligned)", metavar="L1,L2,...", parse=str)
+    alphas: tuple[float, ...] = option((), "AAD alpha values in (0, 1], e.g. 0.1",
+                                       metavar="A1,A2,...", parse=str)
+    plot: str | None = option(None, "reward-vs-lambda plot (default: --output with .png)",
+                              metavar="OUT.png")
+    responses_dir: str | None = option(None, "also write one JSONL of responses and rewards per "
+                                       "grid point (the format `vllm-align eval` reads)",
+                                       metavar="DIR")
+    max_tokens: int = option(128, "new tokens per response")
+    temperature: float = option(0.0, "0 = greedy (the papers' setting); when sampling, prompt i "
+                                "uses --seed + i at every grid point")
+    top_p: float = option(1.0, "nucleus sampling's p (with --temperature > 0)")
+    seed: int = option(0, cli=False)
+    dtype: str = option("auto", cli=False)
+    max_model_len: int | None = option(None, cli=False)
+    reward_batch_size: int = option(16, "texts per reward-model forward")
+    progress: bool = option(True, "no progress bar")
+    llm_kwargs: dict = option(default_factory=dict, cli=False)
 
     def __post_init__(self) -> None:
         # Frozen: normalised fields are set through object.__setattr__.
