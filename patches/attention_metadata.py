@@ -11,7 +11,8 @@ The second build uses a private copy of each attention group (its own
 metadata builder and kernel block table), so that a backend keeping
 persistent buffers in its builder cannot have the main build's overwritten.
 With CUDA graphs the captured forward has fixed shapes: the reference then
-runs for every row, as before (one log line at start). Written for vLLM 0.32.
+runs for every row, as before (one log line, at the first step that mixes both
+kinds of rows). Written for vLLM 0.32.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from vllm.config import CUDAGraphMode
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from vllm_align.engine.pair_model import REFERENCE
 from vllm_align.engine.reference_rows import ReferencePlan, row_tokens
 from vllm_align.patches.base import VllmPatch
 from vllm_align.patches.model_runner import align_state
 
 logger = logging.getLogger("vllm.vllm_align")
-REFERENCE_PREFIX = "reference."
 
 
 def _subset_supported(runner) -> bool:
@@ -54,7 +55,7 @@ def _reference_groups(runner) -> list:
     if groups is None:
         groups = []
         for group in runner.attn_groups[0]:
-            names = [n for n in group.layer_names if n.startswith(REFERENCE_PREFIX)]
+            names = [n for n in group.layer_names if n.startswith(REFERENCE)]
             if not names:
                 continue
             copy = dataclasses.replace(group, layer_names=names, metadata_builders=[],

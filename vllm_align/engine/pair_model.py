@@ -40,6 +40,8 @@ from vllm_align.mara.agent import load_agent
 from vllm_align.patches.compiled_classes import own_compiled_classes
 
 ARCH = "AlignedPairForCausalLM"
+# The two sub-models' prefixes: their parameters' and attention layers' names start so.
+ALIGNED, REFERENCE = "aligned.", "reference."
 # hf_config attribute (set through hf_overrides) naming the wrapped architecture.
 INNER_ARCH_ATTR = "vllm_align_inner_architectures"
 
@@ -58,7 +60,7 @@ class AlignedPairForCausalLM(nn.Module):
 
         aligned_config = vllm_config.with_hf_config(hf_config, architectures=inner_archs)
         self.aligned = model_cls(vllm_config=aligned_config,
-                                 prefix=maybe_prefix(prefix, "aligned"))
+                                 prefix=maybe_prefix(prefix, ALIGNED[:-1]))
         self.reference = None
         self._hidden_sizes = [hf_config.hidden_size]
         if align.reference_model is not None:
@@ -67,10 +69,10 @@ class AlignedPairForCausalLM(nn.Module):
             ref_config = vllm_config.with_hf_config(ref_hf_config, architectures=inner_archs)
             with own_compiled_classes(model_cls, tag="Reference"):
                 self.reference = model_cls(vllm_config=ref_config,
-                                           prefix=maybe_prefix(prefix, "reference"))
+                                           prefix=maybe_prefix(prefix, REFERENCE[:-1]))
             # vLLM's loader streams these after the served checkpoint, prefixed.
             self.secondary_weights = [DefaultModelLoader.Source(
-                align.reference_model, revision=None, prefix="reference.")]
+                align.reference_model, revision=None, prefix=REFERENCE)]
             self._hidden_sizes.append(ref_hf_config.hidden_size)
         # MARA agents: float32, outside the module tree (they are not in the
         # checkpoint vLLM loads); a width mismatch refuses to start.
@@ -137,5 +139,5 @@ class AlignedPairForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         def route():
             for name, tensor in weights:
-                yield (name if name.startswith("reference.") else "aligned." + name), tensor
+                yield (name if name.startswith(REFERENCE) else ALIGNED + name), tensor
         return AutoWeightsLoader(self).load_weights(route())
