@@ -106,6 +106,18 @@ def _generate_pairs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64,
                    help="records per append + fsync (the engine is kept full regardless)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_replica_args(p)
+
+
+def _add_replica_args(p: argparse.ArgumentParser) -> None:
+    """--replicas / --ray-address of the data tools (vllm_align.data.replicas)."""
+    p.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="decode on N engine replicas, Ray actors each holding one engine "
+                   "(started with these engine arguments); this process alone writes the "
+                   "output")
+    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="the Ray cluster for --replicas (e.g. 'auto' or HOST:6379); "
+                   "default: start a local one")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -143,7 +155,8 @@ def generate_pairs(args: argparse.Namespace) -> int:
               prompts=args.prompts, output=args.output, chosen=args.chosen,
               rejected=args.rejected, max_tokens=args.max_tokens, seed=args.seed,
               batch_size=args.batch_size, progress=not args.no_progress,
-              engine_args=_engine_args(args))
+              engine_args=_engine_args(args), replicas=args.replicas,
+              ray_address=args.ray_address)
     return 0
 
 
@@ -201,6 +214,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reward-batch-size", type=int, default=16,
                    help="texts per reward-model forward")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_replica_args(p)
 
 
 @command("sweep", "mean reward over a grid of DeRa lambdas / AAD alphas (one engine run): "
@@ -214,7 +228,8 @@ def sweep(args: argparse.Namespace) -> int:
         alphas=args.alphas, responses_dir=args.responses_dir, max_tokens=args.max_tokens,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         reward_batch_size=args.reward_batch_size, progress=not args.no_progress)
-    rows = run_sweep(cfg, engine_args=_engine_args(args))
+    rows = run_sweep(cfg, engine_args=_engine_args(args), replicas=args.replicas,
+                     ray_address=args.ray_address)
     print(format_rows(rows))
     print(f"\nCSV: {cfg.output}\nplot: {cfg.plot}"
           + (f"\nresponses: {cfg.responses_dir}" if cfg.responses_dir else ""))

@@ -297,24 +297,40 @@ def score_and_write(cfg: SweepConfig, items: Sequence[PromptItem], gen: Generati
     return rows
 
 
-def run_sweep(cfg: SweepConfig, engine_args=None) -> list[SweepRow]:
+def run_sweep(cfg: SweepConfig, engine_args=None, *, replicas: int = 1,
+              ray_address: str | None = None) -> list[SweepRow]:
     """Start the engine, generate the grid, free the engine, score and write; return the rows.
 
     ``engine_args``: a ``vllm.EngineArgs`` to start the engine from, unchanged (the
     command line's); else ``cfg``'s model, reference, dtype, ... (``build_llm``).
+    ``replicas``: that many engines, Ray actors on the cluster at ``ray_address``
+    (default: a local one), each generating the grid for a shard of the prompts
+    (``vllm_align.data.replicas``).
     """
+    if replicas < 1:
+        raise DataError(f"--replicas must be >= 1, got {replicas}")
     items = load_inputs(cfg)
     from vllm_align.data.engine import build_llm
 
-    llm = build_llm(cfg.model, cfg.reference_model, dtype=cfg.dtype, seed=cfg.seed,
-                    max_model_len=cfg.max_model_len, llm_kwargs=cfg.llm_kwargs,
-                    engine_args=engine_args)
-    try:
-        gen = generate_grid(llm, cfg, items)
-    finally:
-        # The reward model loads only after the engine's memory is given back.
-        del llm
-        gc.collect()
+    build = dict(model=cfg.model, reference_model=cfg.reference_model, dtype=cfg.dtype,
+                 seed=cfg.seed, max_model_len=cfg.max_model_len, llm_kwargs=cfg.llm_kwargs,
+                 engine_args=engine_args)
+    if replicas > 1:
+        from vllm_align.data.replicas import ReplicaPool
+
+        pool = ReplicaPool(replicas, build, ray_address=ray_address)
+        try:
+            gen = pool.generate_grid(cfg, items)
+        finally:
+            pool.close()
+    else:
+        llm = build_llm(**build)
+        try:
+            gen = generate_grid(llm, cfg, items)
+        finally:
+            # The reward model loads only after the engine's memory is given back.
+            del llm
+            gc.collect()
     print(f"generated {len(gen.responses)} responses ({len(cfg.grid)} grid points x "
           f"{len(items)} prompts, {gen.tokens} tokens) in {gen.seconds:.1f}s, "
           f"{gen.tokens / max(gen.seconds, 1e-9):.1f} tok/s", file=sys.stderr)
