@@ -105,12 +105,12 @@ def _generate_pairs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=64,
                    help="records per append + fsync (the engine is kept full regardless)")
+    _add_run_args(p)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """The data tools' --no-progress, --replicas and --ray-address (vllm_align.data.replicas)."""
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_replica_args(p)
-
-
-def _add_replica_args(p: argparse.ArgumentParser) -> None:
-    """--replicas / --ray-address of the data tools (vllm_align.data.replicas)."""
     p.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="decode on N engine replicas, Ray actors each holding one engine "
                    "(started with these engine arguments); this process alone writes the "
@@ -213,8 +213,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--reward-batch-size", type=int, default=16,
                    help="texts per reward-model forward")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_replica_args(p)
+    _add_run_args(p)
 
 
 @command("sweep", "mean reward over a grid of DeRa lambdas / AAD alphas (one engine run): "
