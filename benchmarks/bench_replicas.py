@@ -31,7 +31,10 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    import functools
+
     from vllm_align.data.pairs import generate_pairs
+    from vllm_align.data.replicas import ReplicaPool
     from vllm_align.toy.models import build_llama_pair
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-replicas-"))
@@ -45,7 +48,8 @@ def main() -> None:
         t0 = time.perf_counter()
         res = generate_pairs(model=aligned, reference_model=reference, prompts=str(prompts),
                              output=str(out), max_tokens=args.tokens, seed=0, dtype="float32",
-                             max_model_len=256, progress=False, replicas=replicas,
+                             max_model_len=256, progress=False,
+                             engines=functools.partial(ReplicaPool, 2) if replicas > 1 else None,
                              llm_kwargs={"enforce_eager": True, "enable_prefix_caching": False})
         wall = time.perf_counter() - t0
         results[replicas] = {"wall_s": round(wall, 1), "decode_s": round(res.seconds, 1),

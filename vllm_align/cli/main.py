@@ -120,6 +120,19 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    "default: start a local one")
 
 
+def _replicas(args: argparse.Namespace):
+    """``engines=`` of the data tools: None for one engine, else N Ray replicas."""
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.replicas == 1:
+        return None
+    import functools
+
+    from vllm_align.data.replicas import ReplicaPool
+
+    return functools.partial(ReplicaPool, args.replicas, ray_address=args.ray_address)
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     """vLLM's engine arguments, with the plugin's (--reference-model, --mara-agent, ...)."""
     from vllm.engine.arg_utils import EngineArgs
@@ -155,8 +168,7 @@ def generate_pairs(args: argparse.Namespace) -> int:
               prompts=args.prompts, output=args.output, chosen=args.chosen,
               rejected=args.rejected, max_tokens=args.max_tokens, seed=args.seed,
               batch_size=args.batch_size, progress=not args.no_progress,
-              engine_args=_engine_args(args), replicas=args.replicas,
-              ray_address=args.ray_address)
+              engine_args=_engine_args(args), engines=_replicas(args))
     return 0
 
 
@@ -227,8 +239,7 @@ def sweep(args: argparse.Namespace) -> int:
         alphas=args.alphas, responses_dir=args.responses_dir, max_tokens=args.max_tokens,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         reward_batch_size=args.reward_batch_size, progress=not args.no_progress)
-    rows = run_sweep(cfg, engine_args=_engine_args(args), replicas=args.replicas,
-                     ray_address=args.ray_address)
+    rows = run_sweep(cfg, engine_args=_engine_args(args), engines=_replicas(args))
     print(format_rows(rows))
     print(f"\nCSV: {cfg.output}\nplot: {cfg.plot}"
           + (f"\nresponses: {cfg.responses_dir}" if cfg.responses_dir else ""))

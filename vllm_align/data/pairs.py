@@ -291,8 +291,7 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
                    max_tokens: int = 256, seed: int = 0, batch_size: int = 64,
                    dtype: str = "auto", max_model_len: int | None = None,
                    progress: bool = True, llm_kwargs: Mapping[str, Any] | None = None,
-                   engine_args=None, llm=None, replicas: int = 1,
-                   ray_address: str | None = None) -> PairsResult:
+                   engine_args=None, llm=None, engines=None) -> PairsResult:
     """Write one pair per prompt to ``output`` (resuming it); returns what this run did.
 
     ``engine_args``: a ``vllm.EngineArgs`` on ``model`` (with ``reference_model``)
@@ -300,19 +299,17 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
     ``max_model_len`` and ``llm_kwargs`` are then ignored.
     ``llm``: an existing ``vllm.LLM`` on ``model`` (with ``reference_model`` as
     its reference) to use instead of starting one; the caller keeps the engine.
-    ``replicas``: decode on that many engines, each a Ray actor started like the one
-    engine would be (``vllm_align.data.replicas``), on the Ray cluster at
-    ``ray_address`` (default: a local one). This process alone writes the output,
-    so everything above holds unchanged.
+    ``engines``: decode elsewhere than on one engine: a callable taking ``build_llm``'s
+    arguments and returning an object with ``pairs`` and ``close`` as ``OneEngine``'s,
+    e.g. ``functools.partial(vllm_align.data.replicas.ReplicaPool, N)`` (N Ray actors).
+    This process alone writes the output, so everything above holds unchanged.
     """
     if max_tokens < 1:
         raise PairsError(f"--max-tokens must be >= 1, got {max_tokens}")
     if batch_size < 1:
         raise PairsError(f"--batch-size must be >= 1, got {batch_size}")
-    if replicas < 1:
-        raise PairsError(f"--replicas must be >= 1, got {replicas}")
-    if replicas > 1 and llm is not None:
-        raise PairsError("replicas start their own engines; pass llm or replicas, not both")
+    if engines is not None and llm is not None:
+        raise PairsError("engines start their own engines; pass llm or engines, not both")
     chosen_spec = parse_side(chosen, side="chosen", defaults=CHOSEN_SAMPLING)
     rejected_spec = parse_side(rejected, side="rejected", defaults=REJECTED_SAMPLING)
     for side, spec in (("chosen", chosen_spec), ("rejected", rejected_spec)):
@@ -335,12 +332,7 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
 
     build = dict(model=model, reference_model=reference_model, dtype=dtype, seed=seed,
                  max_model_len=max_model_len, llm_kwargs=llm_kwargs, engine_args=engine_args)
-    if replicas > 1:
-        from vllm_align.data.replicas import ReplicaPool
-
-        engines = ReplicaPool(replicas, build, ray_address=ray_address)
-    else:
-        engines = OneEngine(llm, build)
+    engines = engines(build) if engines is not None else OneEngine(llm, build)
     written = 0
     n_tokens = 0
     ready: dict[int, str] = {}      # finished records not yet written, by position in todo

@@ -297,28 +297,24 @@ def score_and_write(cfg: SweepConfig, items: Sequence[PromptItem], gen: Generati
     return rows
 
 
-def run_sweep(cfg: SweepConfig, engine_args=None, *, replicas: int = 1,
-              ray_address: str | None = None) -> list[SweepRow]:
+def run_sweep(cfg: SweepConfig, engine_args=None, *, engines=None) -> list[SweepRow]:
     """Start the engine, generate the grid, free the engine, score and write; return the rows.
 
     ``engine_args``: a ``vllm.EngineArgs`` to start the engine from, unchanged (the
     command line's); else ``cfg``'s model, reference, dtype, ... (``build_llm``).
-    ``replicas``: that many engines, Ray actors on the cluster at ``ray_address``
-    (default: a local one), each generating the grid for a shard of the prompts
-    (``vllm_align.data.replicas``).
+    ``engines``: instead of one engine, a callable taking ``build_llm``'s arguments
+    and returning an object with ``generate_grid(cfg, items)`` and ``close()``, e.g.
+    ``functools.partial(vllm_align.data.replicas.ReplicaPool, N)`` (N Ray actors,
+    each generating the grid for a shard of the prompts).
     """
-    if replicas < 1:
-        raise DataError(f"--replicas must be >= 1, got {replicas}")
     items = load_inputs(cfg)
     from vllm_align.data.engine import build_llm
 
     build = dict(model=cfg.model, reference_model=cfg.reference_model, dtype=cfg.dtype,
                  seed=cfg.seed, max_model_len=cfg.max_model_len, llm_kwargs=cfg.llm_kwargs,
                  engine_args=engine_args)
-    if replicas > 1:
-        from vllm_align.data.replicas import ReplicaPool
-
-        pool = ReplicaPool(replicas, build, ray_address=ray_address)
+    if engines is not None:
+        pool = engines(build)
         try:
             gen = pool.generate_grid(cfg, items)
         finally:
