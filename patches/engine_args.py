@@ -79,6 +79,10 @@ class EngineArgsPatch(VllmPatch):
                                     **parse_agent_args(agents)}
         config[EXTRA_ARGS_KEY] = align
         engine_args.additional_config = config
+        # Written back: with --data-parallel-size > 1 `vllm serve` hands this namespace to
+        # spawned API-server processes, which call from_cli_args before loading plugins
+        # (unpatched, it copies additional_config alone); idempotent when patched.
+        args.additional_config = config
         return engine_args
 
     def create_engine_config(self, *args, **kwargs):

@@ -19,13 +19,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+# Two CPU ranks (tensor or data parallel) on a 2-core machine: one core each.
+TWO_RANKS = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+
+
+def start(args: list[str], log: Path, env: dict | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     vllm = str(Path(sys.executable).with_name("vllm"))
     cmd = [vllm, "serve", *args, "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8"]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_S
     while time.monotonic() < deadline:
@@ -95,3 +99,38 @@ def hf_greedy_ids(tiny_pair) -> dict[str, list[int]]:
         return ids[len(prompt):]
 
     return {"aligned": greedy(tiny_pair[0]), "reference": greedy(tiny_pair[1])}
+
+
+# One mixed batch for the parallel and batch-file tests: every method the engine serves.
+MIXED = ({"method": "dera", "lambda": 0.5}, {"method": "aad", "alpha": 0.1},
+         {"method": "mara", "top_k": 5}, {"method": "none"})
+
+
+def reference_tokens(tiny_pair, agent, prompt_ids, max_tokens: int = MAX_TOKENS
+                     ) -> list[list[int]]:
+    """The greedy ids each MIXED spec must give after ``prompt_ids`` (EOS ignored), by the
+    plain HF decoders (tests/hf_reference.py, tests/hf_mara_reference.py)."""
+    import hf_mara_reference
+    import hf_reference
+
+    models = hf_reference.load_pair(*tiny_pair)
+    out = []
+    for spec in MIXED:
+        if spec["method"] == "mara":
+            steps = hf_mara_reference.mara_greedy_decode(
+                models[0], agent, list(prompt_ids), max_new_tokens=max_tokens,
+                top_k=spec["top_k"])
+            out.append(hf_mara_reference.tokens(steps))
+        else:
+            out.append(hf_reference.generate(*models, list(prompt_ids), spec, max_tokens,
+                                             ignore_eos=True))
+    return out
+
+
+def complete_mixed(client, model) -> list:
+    """MIXED as concurrent completions of PROMPT (one engine batch); the completions in
+    MIXED's order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(MIXED)) as pool:
+        return list(pool.map(lambda spec: complete(client, model, spec), MIXED))

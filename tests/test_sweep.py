@@ -158,30 +158,43 @@ def test_bad_prompt_file_is_refused_before_the_engine(tmp_path, capsys):
 
 # -- sampling with per-prompt seeds, long prompts ---------------------------
 
-def test_sampled_sweep_with_long_prompts(tiny_pair, tmp_path):
-    """Temperature 1, prompt i seeded seed + i, a file.py:function reward.
+@pytest.fixture(scope="module")
+def sampled(tiny_pair, tmp_path_factory):
+    """(argv for an output dir, the one-engine run's output dir) of a sampled sweep.
 
-    24 prompts of ~250 tokens x 2 grid points exceed a step's 4096-token budget,
-    so some seeded request is prefilled in pieces. That killed vLLM 0.32's CPU
-    engine ("CPU Generator does not use offset") until patches/model_runner.py
-    rewound CPU generators by state; the data tools keep chunked prefill on.
+    Temperature 1, prompt i seeded seed + i, a file.py:function reward. 24 prompts of
+    ~250 tokens x 2 grid points exceed a step's 4096-token budget, so some seeded request
+    is prefilled in pieces.
     """
     aligned, reference = tiny_pair
-    prompts = tmp_path / "p.jsonl"
+    tmp = tmp_path_factory.mktemp("sampled")
+    prompts = tmp / "p.jsonl"
     # Distinct from the first token on: no prefix-cache hits shrink the prefills.
     prompts.write_text("".join(
         json.dumps({"prompt": f"number {i}: "
                     + " ".join(["the small house was near the old river"] * 28)}) + "\n"
         for i in range(24)))
-    scorer = tmp_path / "score.py"
+    scorer = tmp / "score.py"
     scorer.write_text("def chars(prompt, response):\n    return float(len(response))\n")
-    out = tmp_path / "out"
-    argv = ["sweep", "--model", aligned, "--reference-model", reference,
-            "--prompts", str(prompts), "--reward", f"{scorer}:chars",
-            "--output", str(out / "s.csv"), "--lambdas", "0,1", "--temperature", "1",
-            "--seed", "5", "--max-tokens", "8", "--responses-dir", str(out / "resp"),
-            "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--no-progress"]
-    assert main(argv) == 0
+
+    def argv(out: Path) -> list[str]:
+        return ["sweep", "--model", aligned, "--reference-model", reference,
+                "--prompts", str(prompts), "--reward", f"{scorer}:chars",
+                "--output", str(out / "s.csv"), "--lambdas", "0,1", "--temperature", "1",
+                "--seed", "5", "--max-tokens", "8", "--responses-dir", str(out / "resp"),
+                "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+                "--no-progress"]
+
+    out = tmp / "out"
+    assert main(argv(out)) == 0
+    return argv, out
+
+
+def test_sampled_sweep_with_long_prompts(sampled):
+    """Seeded chunked prefills killed vLLM 0.32's CPU engine ("CPU Generator does not use
+    offset") until patches/model_runner.py rewound CPU generators by state; the data tools
+    keep chunked prefill on."""
+    _, out = sampled
     rows = _rows(out)
     assert [(r["method"], float(r["parameter"]), int(r["n"])) for r in rows] == \
         [("dera", 0.0, 24), ("dera", 1.0, 24)]
@@ -193,3 +206,14 @@ def test_sampled_sweep_with_long_prompts(tiny_pair, tmp_path):
             statistics.mean(len(t) for t in texts[name]), rel=1e-12)
     # Two different models sampled with the same seeds: different text.
     assert texts["dera_lambda=0.jsonl"] != texts["dera_lambda=1.jsonl"]
+
+
+def test_two_replicas_give_the_one_engine_sweep(sampled, tmp_path):
+    """--replicas 2 (Ray actors on a local cluster, one core each, a prompt shard each):
+    the same CSV and response files as one engine, byte for byte (per-prompt seeds)."""
+    argv, one = sampled
+    out = tmp_path / "replicas"
+    assert main(argv(out) + ["--replicas", "2", "--max-num-seqs", "8"]) == 0
+    assert (out / "s.csv").read_bytes() == (one / "s.csv").read_bytes()
+    for name in ("dera_lambda=0.jsonl", "dera_lambda=1.jsonl"):
+        assert (out / "resp" / name).read_bytes() == (one / "resp" / name).read_bytes()

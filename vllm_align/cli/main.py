@@ -105,7 +105,37 @@ def _generate_pairs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=64,
                    help="records per append + fsync (the engine is kept full regardless)")
+    _add_run_args(p)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """generate-pairs' --no-progress, --replicas and --ray-address."""
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_replica_args(p)
+
+
+def _add_replica_args(p: argparse.ArgumentParser) -> None:
+    """--replicas and --ray-address (vllm_align.data.replicas)."""
+    p.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="decode on N engine replicas, Ray actors each holding one engine "
+                   "(started with these engine arguments); this process alone writes the "
+                   "output")
+    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="the Ray cluster for --replicas (e.g. 'auto' or HOST:6379); "
+                   "default: start a local one")
+
+
+def _replicas(args: argparse.Namespace):
+    """``engines=`` of the data tools: None for one engine, else N Ray replicas."""
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.replicas == 1:
+        return None
+    import functools
+
+    from vllm_align.data.replicas import ReplicaPool
+
+    return functools.partial(ReplicaPool, args.replicas, ray_address=args.ray_address)
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -143,7 +173,7 @@ def generate_pairs(args: argparse.Namespace) -> int:
               prompts=args.prompts, output=args.output, chosen=args.chosen,
               rejected=args.rejected, max_tokens=args.max_tokens, seed=args.seed,
               batch_size=args.batch_size, progress=not args.no_progress,
-              engine_args=_engine_args(args))
+              engine_args=_engine_args(args), engines=_replicas(args))
     return 0
 
 
@@ -177,6 +207,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     # --model, --reference-model (required here), --seed, --dtype, --max-model-len,
     # --max-num-seqs, ...: vLLM's engine arguments (_engine_args).
     add_flags(p, SweepConfig)
+    _add_replica_args(p)
 
 
 @command("sweep", "mean reward over a grid of DeRa lambdas / AAD alphas (one engine run): "
@@ -187,7 +218,7 @@ def sweep(args: argparse.Namespace) -> int:
 
     cfg = SweepConfig(model=args.model, reference_model=args.reference_model, seed=args.seed,
                       **flag_values(SweepConfig, args))
-    rows = run_sweep(cfg, engine_args=_engine_args(args))
+    rows = run_sweep(cfg, engine_args=_engine_args(args), engines=_replicas(args))
     print(format_rows(rows))
     print(f"\nCSV: {cfg.output}\nplot: {cfg.plot}"
           + (f"\nresponses: {cfg.responses_dir}" if cfg.responses_dir else ""))

@@ -188,11 +188,23 @@ def _check_compatible(done: Mapping[Any, dict], expected: Mapping[str, Any],
                              f"use another --output or the same --seed")
 
 
-def _finished_pairs(llm, todo: Sequence[PromptItem], chosen: SideSpec, rejected: SideSpec,
-                    max_tokens: int, seeds: Mapping[Any, int], window: int
-                    ) -> Iterator[tuple[int, str, Any, Any]]:
-    """Yield ``(j, prompt text, chosen output, rejected output)`` for ``todo[j]`` as soon
-    as both of its sides have finished (completion order).
+@dataclass(frozen=True)
+class Finished:
+    """Both sides of ``todo[j]``, decoded: what a record is made of (plain data, so that
+    a replica on another node can send it back)."""
+
+    j: int
+    prompt: str          # the text the model saw (chat-rendered)
+    chosen: str
+    rejected: str
+    tokens: int          # generated, both sides
+
+
+def finished_pairs(llm, todo: Sequence[PromptItem], chosen: SideSpec, rejected: SideSpec,
+                   max_tokens: int, seeds: Mapping[Any, int], window: int
+                   ) -> Iterator[Finished]:
+    """Yield a ``Finished`` for ``todo[j]`` as soon as both of its sides have finished
+    (completion order).
 
     At most ``window`` prompts are unfinished in the engine at any time; each
     finished prompt is replaced by the next one at once. If the consumer stops
@@ -230,11 +242,38 @@ def _finished_pairs(llm, todo: Sequence[PromptItem], chosen: SideSpec, rejected:
                 sides[j][side] = out.outputs[0]
                 if None not in sides[j]:
                     c, r = sides.pop(j)
-                    yield j, texts.pop(j), c, r
+                    yield Finished(j, texts.pop(j), c.text, r.text,
+                                   len(c.token_ids) + len(r.token_ids))
     finally:
         if sides:
             engine.abort_request([f"{tag}-{j}-{side}" for j, got in sides.items()
                                   for side in (0, 1) if got[side] is None])
+
+
+def engine_window(llm, batch_size: int) -> int:
+    """Prompts in flight on one engine: enough to refill every finished sequence's slot
+    at once (2 requests per prompt: up to twice the engine's running batch)."""
+    return max(batch_size, llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
+
+
+class OneEngine:
+    """The pairs of ``todo`` from one ``vllm.LLM``: the caller's, or one started from
+    ``build`` (``build_llm``'s arguments) and shut down by ``close``."""
+
+    def __init__(self, llm, build: Mapping[str, Any]):
+        from vllm_align.data.engine import build_llm
+
+        self.own = llm is None
+        self.llm = build_llm(**build) if self.own else llm
+
+    def pairs(self, todo, chosen, rejected, max_tokens, seeds, batch_size
+              ) -> Iterator[Finished]:
+        return finished_pairs(self.llm, todo, chosen, rejected, max_tokens, seeds,
+                              engine_window(self.llm, batch_size))
+
+    def close(self) -> None:
+        if self.own:
+            del self.llm
 
 
 @dataclass(frozen=True)
@@ -252,7 +291,7 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
                    max_tokens: int = 256, seed: int = 0, batch_size: int = 64,
                    dtype: str = "auto", max_model_len: int | None = None,
                    progress: bool = True, llm_kwargs: Mapping[str, Any] | None = None,
-                   engine_args=None, llm=None) -> PairsResult:
+                   engine_args=None, llm=None, engines=None) -> PairsResult:
     """Write one pair per prompt to ``output`` (resuming it); returns what this run did.
 
     ``engine_args``: a ``vllm.EngineArgs`` on ``model`` (with ``reference_model``)
@@ -260,11 +299,17 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
     ``max_model_len`` and ``llm_kwargs`` are then ignored.
     ``llm``: an existing ``vllm.LLM`` on ``model`` (with ``reference_model`` as
     its reference) to use instead of starting one; the caller keeps the engine.
+    ``engines``: decode elsewhere than on one engine: a callable taking ``build_llm``'s
+    arguments and returning an object with ``pairs`` and ``close`` as ``OneEngine``'s,
+    e.g. ``functools.partial(vllm_align.data.replicas.ReplicaPool, N)`` (N Ray actors).
+    This process alone writes the output, so everything above holds unchanged.
     """
     if max_tokens < 1:
         raise PairsError(f"--max-tokens must be >= 1, got {max_tokens}")
     if batch_size < 1:
         raise PairsError(f"--batch-size must be >= 1, got {batch_size}")
+    if engines is not None and llm is not None:
+        raise PairsError("engines start their own engines; pass llm or engines, not both")
     chosen_spec = parse_side(chosen, side="chosen", defaults=CHOSEN_SAMPLING)
     rejected_spec = parse_side(rejected, side="rejected", defaults=REJECTED_SAMPLING)
     for side, spec in (("chosen", chosen_spec), ("rejected", rejected_spec)):
@@ -285,17 +330,9 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
 
     from tqdm import tqdm
 
-    from vllm_align.data.engine import build_llm
-
-    own_llm = llm is None
-    if own_llm:
-        llm = build_llm(model, reference_model, dtype=dtype, seed=seed,
-                        max_model_len=max_model_len, llm_kwargs=llm_kwargs,
-                        engine_args=engine_args)
-
-    # Enough prompts in flight to refill every finished sequence's slot at once
-    # (2 requests per prompt: up to twice the engine's running batch).
-    window = max(batch_size, llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
+    build = dict(model=model, reference_model=reference_model, dtype=dtype, seed=seed,
+                 max_model_len=max_model_len, llm_kwargs=llm_kwargs, engine_args=engine_args)
+    engines = engines(build) if engines is not None else OneEngine(llm, build)
     written = 0
     n_tokens = 0
     ready: dict[int, str] = {}      # finished records not yet written, by position in todo
@@ -307,14 +344,14 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
         _fsync_dir(out_path.parent.resolve())
     bar = tqdm(total=len(items), initial=n_done, unit="prompt", desc="pairs",
                dynamic_ncols=True, disable=not progress)
-    pairs = _finished_pairs(llm, todo, chosen_spec, rejected_spec, max_tokens, seeds, window)
+    pairs = engines.pairs(todo, chosen_spec, rejected_spec, max_tokens, seeds, batch_size)
     try:
         with contextlib.closing(pairs):
-            for j, text, c, r in pairs:
-                it = todo[j]
-                n_tokens += len(c.token_ids) + len(r.token_ids)
-                rec = {"id": it.id, "prompt": text, "chosen": c.text, "rejected": r.text,
-                       **meta, "seed": seeds[it.id]}
+            for done_pair in pairs:
+                j, it = done_pair.j, todo[done_pair.j]
+                n_tokens += done_pair.tokens
+                rec = {"id": it.id, "prompt": done_pair.prompt, "chosen": done_pair.chosen,
+                       "rejected": done_pair.rejected, **meta, "seed": seeds[it.id]}
                 if it.messages is not None:   # eval's reward models frame these turns
                     rec["messages"] = it.messages
                 ready[j] = json.dumps(rec, ensure_ascii=False) + "\n"
@@ -334,8 +371,7 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
     finally:
         bar.close()
         os.close(fd)
-        if own_llm:
-            del llm
+        engines.close()
     print(f"wrote {written} pairs to {output} ({n_done} already there; "
           f"{written / elapsed:.2f} prompts/s, {n_tokens / elapsed:.1f} tok/s)", file=sys.stderr)
     return PairsResult(written=written, tokens=n_tokens, seconds=elapsed)

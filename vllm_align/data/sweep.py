@@ -311,24 +311,36 @@ def score_and_write(cfg: SweepConfig, items: Sequence[PromptItem], gen: Generati
     return rows
 
 
-def run_sweep(cfg: SweepConfig, engine_args=None) -> list[SweepRow]:
+def run_sweep(cfg: SweepConfig, engine_args=None, *, engines=None) -> list[SweepRow]:
     """Start the engine, generate the grid, free the engine, score and write; return the rows.
 
     ``engine_args``: a ``vllm.EngineArgs`` to start the engine from, unchanged (the
     command line's); else ``cfg``'s model, reference, dtype, ... (``build_llm``).
+    ``engines``: instead of one engine, a callable taking ``build_llm``'s arguments
+    and returning an object with ``generate_grid(cfg, items)`` and ``close()``, e.g.
+    ``functools.partial(vllm_align.data.replicas.ReplicaPool, N)`` (N Ray actors,
+    each generating the grid for a shard of the prompts).
     """
     items = load_inputs(cfg)
     from vllm_align.data.engine import build_llm
 
-    llm = build_llm(cfg.model, cfg.reference_model, dtype=cfg.dtype, seed=cfg.seed,
-                    max_model_len=cfg.max_model_len, llm_kwargs=cfg.llm_kwargs,
-                    engine_args=engine_args)
-    try:
-        gen = generate_grid(llm, cfg, items)
-    finally:
-        # The reward model loads only after the engine's memory is given back.
-        del llm
-        gc.collect()
+    build = dict(model=cfg.model, reference_model=cfg.reference_model, dtype=cfg.dtype,
+                 seed=cfg.seed, max_model_len=cfg.max_model_len, llm_kwargs=cfg.llm_kwargs,
+                 engine_args=engine_args)
+    if engines is not None:
+        pool = engines(build)
+        try:
+            gen = pool.generate_grid(cfg, items)
+        finally:
+            pool.close()
+    else:
+        llm = build_llm(**build)
+        try:
+            gen = generate_grid(llm, cfg, items)
+        finally:
+            # The reward model loads only after the engine's memory is given back.
+            del llm
+            gc.collect()
     print(f"generated {len(gen.responses)} responses ({len(cfg.grid)} grid points x "
           f"{len(items)} prompts, {gen.tokens} tokens) in {gen.seconds:.1f}s, "
           f"{gen.tokens / max(gen.seconds, 1e-9):.1f} tok/s", file=sys.stderr)
