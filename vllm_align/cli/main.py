@@ -89,28 +89,12 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def _generate_pairs_args(p: argparse.ArgumentParser) -> None:
+    from vllm_align.data.pairs import PairsOptions
+    from vllm_align.fields import add_flags
+
     # --model, --reference-model, --seed (prompt i is sampled with seed + i), --dtype,
     # --max-model-len, --max-num-seqs, ...: vLLM's engine arguments (_engine_args).
-    p.add_argument("--prompts", required=True, metavar="IN.jsonl",
-                   help="one JSON object per line with 'prompt' or chat 'messages' "
-                   "(optional 'id'; default the line's index)")
-    p.add_argument("--output", required=True, metavar="OUT.jsonl",
-                   help="TRL DPO-format pairs; an existing file is resumed")
-    p.add_argument("--chosen", default='{"method": "aad", "alpha": 0.1}', metavar="JSON",
-                   help="alignment spec of the chosen side, optionally with 'temperature' and "
-                   "'top_p' (default: AAD alpha 0.1, greedy)")
-    p.add_argument("--rejected", default='{"method": "none"}', metavar="JSON",
-                   help="alignment spec of the rejected side, optionally with 'temperature' and "
-                   "'top_p' (default: the aligned model, nucleus p 0.9, temperature 1)")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=64,
-                   help="records per append + fsync (the engine is kept full regardless)")
-    _add_run_args(p)
-
-
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    """generate-pairs' --no-progress, --replicas and --ray-address."""
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_flags(p, PairsOptions)
     _add_replica_args(p)
 
 
@@ -167,13 +151,13 @@ def _engine_args(args: argparse.Namespace):
 @command("generate-pairs", "generate preference pairs (TRL DPO JSONL) with two decoding rules",
          args=_generate_pairs_args, engine=True)
 def generate_pairs(args: argparse.Namespace) -> int:
+    from vllm_align.data.pairs import PairsOptions
     from vllm_align.data.pairs import generate_pairs as run_pairs
+    from vllm_align.fields import flag_values
 
-    run_pairs(model=args.model, reference_model=args.reference_model,
-              prompts=args.prompts, output=args.output, chosen=args.chosen,
-              rejected=args.rejected, max_tokens=args.max_tokens, seed=args.seed,
-              batch_size=args.batch_size, progress=not args.no_progress,
-              engine_args=_engine_args(args), engines=_replicas(args))
+    run_pairs(model=args.model, reference_model=args.reference_model, seed=args.seed,
+              engine_args=_engine_args(args), engines=_replicas(args),
+              **flag_values(PairsOptions, args))
     return 0
 
 

@@ -42,6 +42,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from vllm_align.config import (EXTRA_ARGS_KEY, AlignConfigError, AlignParams,
                                finite_number, json_object)
 from vllm_align.data.prompts import DataError, PromptItem, read_prompts, render_prompt
+from vllm_align.fields import option
 
 DEFAULT_CHOSEN = {"method": "aad", "alpha": 0.1}
 DEFAULT_REJECTED = {"method": "none"}
@@ -286,13 +287,40 @@ class PairsResult:
     seconds: float
 
 
-def generate_pairs(*, model: str, reference_model: str | None, prompts: str, output: str,
-                   chosen: Any = DEFAULT_CHOSEN, rejected: Any = DEFAULT_REJECTED,
-                   max_tokens: int = 256, seed: int = 0, batch_size: int = 64,
+@dataclass(frozen=True)
+class PairsOptions:
+    """``vllm-align generate-pairs``'s own options; its flags are these fields
+    (``vllm_align.fields``), the engine's are vLLM's."""
+
+    prompts: str = option(help="one JSON object per line with 'prompt' or chat 'messages' "
+                          "(optional 'id'; default the line's index)", metavar="IN.jsonl")
+    output: str = option(help="TRL DPO-format pairs; an existing file is resumed",
+                         metavar="OUT.jsonl")
+    chosen: Any = option(json.dumps(DEFAULT_CHOSEN), "alignment spec of the chosen side, "
+                         "optionally with 'temperature' and 'top_p' (AAD alpha 0.1, greedy)",
+                         metavar="JSON", parse=str)
+    rejected: Any = option(json.dumps(DEFAULT_REJECTED), "alignment spec of the rejected side, "
+                           "optionally with 'temperature' and 'top_p' (the aligned model, "
+                           "nucleus p 0.9, temperature 1)", metavar="JSON", parse=str)
+    max_tokens: int = option(256, "most new tokens per side")
+    batch_size: int = option(64, "records per append + fsync (the engine is kept full "
+                             "regardless)")
+    progress: bool = option(True, "no progress bar")
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise PairsError(f"--max-tokens must be >= 1, got {self.max_tokens}")
+        if self.batch_size < 1:
+            raise PairsError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+
+def generate_pairs(*, model: str, reference_model: str | None, seed: int = 0,
                    dtype: str = "auto", max_model_len: int | None = None,
-                   progress: bool = True, llm_kwargs: Mapping[str, Any] | None = None,
-                   engine_args=None, llm=None, engines=None) -> PairsResult:
-    """Write one pair per prompt to ``output`` (resuming it); returns what this run did.
+                   llm_kwargs: Mapping[str, Any] | None = None, engine_args=None, llm=None,
+                   engines=None, **options) -> PairsResult:
+    """Write one pair per prompt to ``options["output"]`` (resuming it); returns what this
+    run did. ``options``: the fields of ``PairsOptions`` (``prompts`` and ``output``
+    required).
 
     ``engine_args``: a ``vllm.EngineArgs`` on ``model`` (with ``reference_model``)
     to start the engine from, unchanged (the command line's); ``dtype``,
@@ -304,14 +332,13 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
     e.g. ``functools.partial(vllm_align.data.replicas.ReplicaPool, N)`` (N Ray actors).
     This process alone writes the output, so everything above holds unchanged.
     """
-    if max_tokens < 1:
-        raise PairsError(f"--max-tokens must be >= 1, got {max_tokens}")
-    if batch_size < 1:
-        raise PairsError(f"--batch-size must be >= 1, got {batch_size}")
+    opts = PairsOptions(**options)
+    prompts, output, max_tokens, batch_size = (opts.prompts, opts.output, opts.max_tokens,
+                                               opts.batch_size)
     if engines is not None and llm is not None:
         raise PairsError("engines start their own engines; pass llm or engines, not both")
-    chosen_spec = parse_side(chosen, side="chosen", defaults=CHOSEN_SAMPLING)
-    rejected_spec = parse_side(rejected, side="rejected", defaults=REJECTED_SAMPLING)
+    chosen_spec = parse_side(opts.chosen, side="chosen", defaults=CHOSEN_SAMPLING)
+    rejected_spec = parse_side(opts.rejected, side="rejected", defaults=REJECTED_SAMPLING)
     for side, spec in (("chosen", chosen_spec), ("rejected", rejected_spec)):
         if spec.align.needs_reference and not reference_model:
             raise PairsError(f"--{side} method {spec.align.method!r} needs --reference-model")
@@ -343,7 +370,7 @@ def generate_pairs(*, model: str, reference_model: str | None, prompts: str, out
     if created:
         _fsync_dir(out_path.parent.resolve())
     bar = tqdm(total=len(items), initial=n_done, unit="prompt", desc="pairs",
-               dynamic_ncols=True, disable=not progress)
+               dynamic_ncols=True, disable=not opts.progress)
     pairs = engines.pairs(todo, chosen_spec, rejected_spec, max_tokens, seeds, batch_size)
     try:
         with contextlib.closing(pairs):
