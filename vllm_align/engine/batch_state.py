@@ -162,14 +162,14 @@ class AlignBatchState(LogitsProcessor):
             [B, V] float32 logits to sample; rows outside ``reference_rows``
             keep the aligned logits (MARA rows are decided later).
         """
-        out = aligned.to(torch.float32, copy=True)
-        if reference is None:
+        out = aligned.float()
+        if reference is None:  # no row reads it: nothing to copy or mix
             return out
         rows, d = self.reference_rows, self._dev
         mixed = methods.align_logits(
             out[rows], reference, d["method"][rows], d["lam"][rows], d["alpha"][rows],
             d["entropy_threshold"][rows], has_dera=self.has_dera, has_aad=self.has_aad)
-        return out.index_copy_(0, rows, mixed)
+        return out.index_copy(0, rows, mixed)  # out of place: ``aligned`` stays as it was
 
     def apply_mara(self, aligned: torch.Tensor, hidden: torch.Tensor, others: torch.Tensor,
                    agents) -> torch.Tensor:

@@ -94,13 +94,12 @@ def reference_forward_context(plan: ReferencePlan):
     from vllm.forward_context import get_forward_context
 
     ctx = get_forward_context()
-    saved = [(table, {k: table[k] for k in new})
-             for table, new in ((ctx.attn_metadata, plan.attn_metadata),
-                                (ctx.slot_mapping, plan.slot_mapping))]
-    for (table, _), new in zip(saved, (plan.attn_metadata, plan.slot_mapping)):
+    tables = ((ctx.attn_metadata, plan.attn_metadata), (ctx.slot_mapping, plan.slot_mapping))
+    saved = [{name: table[name] for name in new} for table, new in tables]
+    for table, new in tables:
         table.update(new)
     try:
         yield
     finally:
-        for table, old in saved:
+        for (table, _), old in zip(tables, saved):
             table.update(old)
