@@ -17,7 +17,6 @@ prefix-cache blocks are never shared with a request of the other kind
 from __future__ import annotations
 
 from vllm.exceptions import VLLMValidationError
-from vllm.sampling_params import SamplingType
 from vllm.v1.engine.input_processor import InputProcessor
 
 from vllm_align.config import AlignConfigError, EngineAlignConfig
@@ -53,12 +52,6 @@ def check_mara_sampling(params, mara) -> None:
     if bad:
         raise AlignConfigError(f"alignment method 'mara' does not support {', '.join(bad)} "
                                "(the agent's accepted candidate is emitted as is)")
-    if mara.sampled and params.seed is not None and params.sampling_type == SamplingType.GREEDY:
-        # Sampled decisions draw from the request's seeded generator, which vLLM
-        # keeps only for a sampling (temperature > 0) request.
-        raise AlignConfigError(
-            "alignment method 'mara' with sampled decisions and a seed needs temperature > 0 "
-            "(it does not change MARA's choice; vLLM keeps no seeded generator at temperature 0)")
 
 
 class InputProcessorPatch(VllmPatch):

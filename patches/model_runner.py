@@ -8,8 +8,9 @@ has the MARA design):
   is moved one position ahead: its KV is complete up to its last emitted
   token, so it feeds the candidate at ``num_tokens`` rather than re-feeding
   the last token (the scheduler counts as for plain decode). After it, the
-  step's partial-prefill mask (rows whose output vLLM drops) and the seeded
-  rows' generators are handed to the batch state. It also marks the step as a
+  step's partial-prefill mask (rows whose output vLLM drops) and each row's
+  response position (which seeded MARA decisions are drawn at) are handed to
+  the batch state. It also marks the step as a
   model step, whose reference rows ``patches/attention_metadata.py`` plans, and
   binds the batch state to the pair model (which reads it in its forward).
 * ``_sample``: vLLM samples a token for every row, also a partial prefill
@@ -33,6 +34,7 @@ when MARA agents are configured).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -94,8 +96,10 @@ class ModelRunnerPatch(VllmPatch):
             self, scheduler_output, num_scheduled_tokens)
         if state is not None:
             n = self.input_batch.num_reqs
+            batch = self.input_batch
+            position = batch.num_tokens_no_spec[:n] - batch.num_prompt_tokens[:n]
             state.set_step_inputs(self.discard_request_mask.gpu[:n],
-                                  self.discard_request_mask.np[:n], self.input_batch.generators)
+                                  self.discard_request_mask.np[:n], position.astype(np.int64))
         return out
 
     def _sample(self, *args, **kwargs):

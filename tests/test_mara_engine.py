@@ -202,7 +202,6 @@ def test_seeded_sampled_decisions_do_not_depend_on_the_batch(mara_llm):
     ({"method": "mara", "top_p": 1.5}, {}, "'top_p' must be in (0, 1]"),
     ({"method": "mara"}, {"logprobs": 2}, "does not support logprobs"),
     ({"method": "mara"}, {"repetition_penalty": 1.2}, "repetition_penalty"),
-    ({"method": "mara", "decisions": "sampled"}, {"seed": 1}, "needs temperature > 0"),
 ])
 def test_bad_mara_requests_refused_alone(mara_llm, spec, extra, message):
     good = SamplingParams(max_tokens=3, temperature=0, extra_args={"align": {"method": "mara"}})

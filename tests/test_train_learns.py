@@ -87,7 +87,8 @@ def test_learning_curve_rises(agent):
 def test_toy_agent_is_cached_and_stamped(tmp_path):
     """A second call reuses the agent; other settings or other SFT weights retrain it."""
     _copy_world(tmp_path)
-    tiny = ToySettings(episodes=64, learning_starts=64, batch_size=32, num_train_prompts=64)
+    tiny = ToySettings(episodes=64, learning_starts=64, batch_size=32, num_train_prompts=64,
+                       rollout="hf")  # the cache logic, not the rollout: no engine start
     first = toy_agent(tmp_path, tiny)
     assert first.stats["episodes"] == 64 and first.trained.is_file()
     assert first.model == tmp_path / "sft"

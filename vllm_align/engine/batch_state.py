@@ -59,13 +59,14 @@ class AlignBatchState(LogitsProcessor):
         self._step_rows_pending = False
         self.reference_plan: ReferencePlan | None = None
         # MARA (engines with agents): per-row walk state, the runner's
-        # partial-prefill mask for the step, and the step's result.
+        # partial-prefill mask and response positions for the step, and the
+        # step's result.
         self.mara = None if not self.config.mara_agents else MaraRows(
             n, vllm_config.model_config.get_vocab_size(), device, is_pin_memory,
             list(self.config.mara_agents))
         self.discard: torch.Tensor | None = None
         self.discard_cpu = None
-        self.generators: dict[int, torch.Generator] = {}
+        self.position: torch.Tensor | None = None
         self.mara_result: StepResult | None = None
 
     # -- LogitsProcessor interface -------------------------------------
@@ -85,7 +86,7 @@ class AlignBatchState(LogitsProcessor):
         for index, params, _, _ in batch_update.added:
             # Overwrite unconditionally: a slot refilled by a move may arrive
             # without a matching `removed` entry.
-            self._write_row(index, self.config.resolve(params.extra_args))
+            self._write_row(index, self.config.resolve(params.extra_args), params.seed)
         for src, dst, direction in batch_update.moved:
             swap = direction == MoveDirectionality.SWAP
             move_row(list(cpu.values()), src, dst, swap)
@@ -105,7 +106,7 @@ class AlignBatchState(LogitsProcessor):
         if self.mara is not None:
             self.mara.sync_params()
 
-    def _write_row(self, index: int, params: AlignParams) -> None:
+    def _write_row(self, index: int, params: AlignParams, seed: int | None) -> None:
         cpu = self._cpu
         cpu["method"][index] = methods.METHOD_CODES[params.method]
         cpu["lam"][index] = params.lam
@@ -113,7 +114,7 @@ class AlignBatchState(LogitsProcessor):
         tau = params.entropy_threshold
         cpu["entropy_threshold"][index] = -1.0 if tau is None else tau
         if self.mara is not None:
-            self.mara.write_row(index, params.mara)
+            self.mara.write_row(index, params.mara, seed)
 
     # -- set by the runner each step (patches/) ------------------------------
     def begin_step(self) -> None:
@@ -133,10 +134,11 @@ class AlignBatchState(LogitsProcessor):
         plan, self.reference_plan = self.reference_plan, None
         return plan
 
-    def set_step_inputs(self, discard: torch.Tensor, discard_cpu, generators) -> None:
+    def set_step_inputs(self, discard: torch.Tensor, discard_cpu, position) -> None:
         """The step's partial-prefill rows ([B] bool, device and host numpy) and
-        vLLM's {row: generator} of the seeded requests."""
-        self.discard, self.discard_cpu, self.generators = discard, discard_cpu, generators
+        each row's response position ([B] int64 host numpy: tokens emitted so far)."""
+        self.discard, self.discard_cpu = discard, discard_cpu
+        self.position = torch.from_numpy(position).to(self.device, non_blocking=True)
 
     # -- used by the pair model -----------------------------------------
     @property
@@ -187,6 +189,6 @@ class AlignBatchState(LogitsProcessor):
         if self.discard is not None:  # partial prefills: vLLM drops their output
             is_mara = is_mara & ~self.discard[:n].to(is_mara.device)
             is_mara_cpu = is_mara_cpu & ~torch.from_numpy(self.discard_cpu[:n])
-        uniform = self.mara.decision_uniforms(n, is_mara_cpu, self.generators)
-        out, self.mara_result = self.mara.step(aligned, hidden, is_mara, agents, others, uniform)
+        out, self.mara_result = self.mara.step(aligned, hidden, is_mara, is_mara_cpu, agents,
+                                               others, self.position[:n])
         return out

@@ -29,12 +29,13 @@ once per step (``StepResult``).
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
-from vllm_align.mara.agent import MaraAgent
-from vllm_align.mara.rules import candidate_set, walk_step
+from vllm_align.engine.mara_trace import DecisionTrace
+from vllm_align.mara.agent import ACCEPT, MaraAgent
+from vllm_align.mara.rules import KEY_SPAN, candidate_set, decision_uniform, walk_step
 
 
 def move_row(tensors: Sequence[torch.Tensor], src: int, dst: int, swap: bool) -> None:
@@ -71,20 +72,21 @@ class MaraRows:
 
     Parameters (host tensors, copied to the device by ``sync_params``):
         agent: [N] int64 index into the engine's agents; top_k [N] int64;
-        top_p, threshold: [N] float32; fallback_last, sampled: [N] bool.
+        top_p, threshold: [N] float32; fallback_last, sampled: [N] bool;
+        seed: [N] int64 the request's seed, seeded: [N] bool it has one
+        (its sampled decisions are ``rules.decision_uniform`` draws).
     Walk state (device):
         cand: [N, K] int64 candidate ids of the row's current position;
+        cand_prob: [N, K] float32 their probabilities under the LLM;
         n_valid: [N] int64 candidates in the list; index: [N] int64 the one
         fed this step; pending: [N] bool a candidate list exists; forced:
         [N] bool the fed candidate is emitted unasked (fallback "first");
-        asked: [N] int64 agent verdicts used so far at this position.
+        asked: [N] int64 agent verdicts used so far at this position;
+        log_reject: [N] float32 ``Σ log(1 − a_j)`` over the rejections at this
+        position (kept while a ``DecisionTrace`` records).
     Host mirrors (for the runner, which must place ``next_input`` before the
     step's forward): pending_cpu [N] bool, next_input_cpu [N] int64.
     """
-
-    _PARAMS = ("agent", "top_k", "top_p", "threshold", "fallback_last", "sampled")
-    _STATE = ("cand", "n_valid", "index", "pending", "forced", "asked")
-    _HOST = ("pending_cpu", "next_input_cpu")
 
     def __init__(self, num_rows: int, vocab_size: int, device: torch.device,
                  pin_memory: bool, agent_names: Sequence[str]):
@@ -99,6 +101,8 @@ class MaraRows:
             "threshold": torch.full((n,), 0.5, dtype=torch.float32),
             "fallback_last": torch.ones(n, dtype=torch.bool),
             "sampled": torch.zeros(n, dtype=torch.bool),
+            "seed": torch.zeros(n, dtype=torch.int64),
+            "seeded": torch.zeros(n, dtype=torch.bool),
         }
         if pin_memory:
             self.params_cpu = {k: v.pin_memory() for k, v in self.params_cpu.items()}
@@ -106,20 +110,27 @@ class MaraRows:
         self.max_k = 1
         self.state = {
             "cand": torch.zeros(n, 1, dtype=torch.int64, device=device),
+            "cand_prob": torch.zeros(n, 1, dtype=torch.float32, device=device),
             "n_valid": torch.ones(n, dtype=torch.int64, device=device),
             "index": torch.zeros(n, dtype=torch.int64, device=device),
             "pending": torch.zeros(n, dtype=torch.bool, device=device),
             "forced": torch.zeros(n, dtype=torch.bool, device=device),
             "asked": torch.zeros(n, dtype=torch.int64, device=device),
+            "log_reject": torch.zeros(n, dtype=torch.float32, device=device),
         }
         self.pending_cpu = torch.zeros(n, dtype=torch.bool)
         self.next_input_cpu = torch.zeros(n, dtype=torch.int64)
+        # Set by a trainer that rolls out in this engine (engine/training.py).
+        self.trace: DecisionTrace | None = None
 
     # -- batch layout (from BatchUpdate diffs) ----------------------------
-    def write_row(self, index: int, mara) -> None:
-        """A request joined slot ``index``; ``mara`` is its MaraParams or None."""
+    def write_row(self, index: int, mara, seed: int | None) -> None:
+        """A request joined slot ``index``; ``mara`` is its MaraParams or None,
+        ``seed`` its ``SamplingParams.seed``."""
         if mara is not None:
             p = self.params_cpu
+            p["seed"][index] = 0 if seed is None else seed
+            p["seeded"][index] = seed is not None
             p["agent"][index] = self.agent_index[mara.agent]
             p["top_k"][index] = min(mara.top_k, self.vocab_size)
             p["top_p"][index] = mara.top_p
@@ -144,48 +155,42 @@ class MaraRows:
     def _grow(self, k: int) -> None:
         if k <= self.max_k:
             return
-        old = self.state["cand"]
-        cand = torch.zeros(old.shape[0], k, dtype=old.dtype, device=old.device)
-        cand[:, : old.shape[1]] = old
-        self.state["cand"] = cand
+        for name in ("cand", "cand_prob"):
+            old = self.state[name]
+            new = torch.zeros(old.shape[0], k, dtype=old.dtype, device=old.device)
+            new[:, : old.shape[1]] = old
+            self.state[name] = new
         self.max_k = k
 
     # -- one engine step ---------------------------------------------------
-    def decision_uniforms(self, num_rows: int, is_mara_cpu: torch.Tensor,
-                          generators: Mapping[int, torch.Generator]) -> torch.Tensor:
-        """[B] U[0, 1) draws for sampled decisions, a seeded request's from its own generator.
+    def decision_uniforms(self, num_rows: int, position: torch.Tensor) -> torch.Tensor:
+        """[B] U[0, 1) draws for sampled decisions.
 
-        A seeded row draws exactly once per step in which it judges a
-        candidate with sampled decisions (host-known: its pending flag and
-        parameters), so its decisions depend on its seed alone, whatever else
-        shares the batch. Like vLLM's sampler, the seeded rows are visited one
-        by one; unseeded rows share one draw from the global generator.
+        A seeded row's draw is ``rules.decision_uniform(seed, position, index)``:
+        its decisions depend on its seed alone, whatever else shares the batch;
+        unseeded rows share one draw from the global generator.
 
         Args:
-            num_rows: B; is_mara_cpu: [B] bool host mask of the MARA rows kept
-                this step; generators: vLLM's {row: generator} of seeded rows.
+            num_rows: B; position: [B] int64 tokens each row has emitted so far.
         """
-        uniform = torch.rand(num_rows, device=self.device)
-        if generators:
-            judging = (is_mara_cpu & self.pending_cpu[:num_rows]
-                       & self.params_cpu["sampled"][:num_rows])
-            for row, generator in generators.items():
-                if row < num_rows and judging[row]:
-                    uniform[row] = torch.rand((), generator=generator, device=generator.device)
-        return uniform
+        p, index = self.params, self.state["index"][:num_rows]
+        seeded = decision_uniform(p["seed"][:num_rows], position, index)
+        return torch.where(p["seeded"][:num_rows], seeded,
+                           torch.rand(num_rows, device=self.device))
 
     def step(self, logits: torch.Tensor, hidden: torch.Tensor, is_mara: torch.Tensor,
-             agents: Sequence[MaraAgent], others: torch.Tensor,
-             uniform: torch.Tensor) -> tuple[torch.Tensor, StepResult]:
+             is_mara_cpu: torch.Tensor, agents: Sequence[MaraAgent], others: torch.Tensor,
+             position: torch.Tensor) -> tuple[torch.Tensor, StepResult]:
         """Judge each MARA row's fed candidate and choose what it feeds next.
 
         Args:
             logits: [B, V] the served LLM's logits at each row's last fed token.
             hidden: [B, d] its final hidden states there (the agent's state).
-            is_mara: [B] bool, MARA rows whose output this step is kept.
+            is_mara: [B] bool, MARA rows whose output this step is kept;
+                is_mara_cpu: the same on the host.
             agents: the engine's agents, indexed by the ``agent`` codes.
             others: [B, V] float32 logits for the non-MARA rows (their rules).
-            uniform: [B] U[0, 1) draws for sampled decisions (``decision_uniforms``).
+            position: [B] int64 tokens each row has emitted so far.
         Returns:
             ``(out, result)``: ``out`` [B, V] float32 logits, one-hot (0 at the
             token to sample, −inf elsewhere) on MARA rows so that vLLM's sampler
@@ -197,38 +202,46 @@ class MaraRows:
         s = {k: v[:b] for k, v in self.state.items()}
         judging = is_mara & s["pending"]
 
-        accept_prob = torch.zeros(b, dtype=torch.float32, device=logits.device)
+        decision_logits = None
         for code, agent in enumerate(agents):
             # One agent: every row at once, no host sync to gather its rows.
-            a = agent.accept_prob(hidden)
-            accept_prob = a if len(agents) == 1 else torch.where(p["agent"] == code, a, accept_prob)
+            x = agent.decision_logits(hidden)
+            decision_logits = x if decision_logits is None else torch.where(
+                (p["agent"] == code).unsqueeze(1), x, decision_logits)
+        accept_prob = torch.softmax(decision_logits, dim=-1)[:, ACCEPT]
         walk = walk_step(s["index"], s["n_valid"], accept_prob, p["threshold"],
-                         p["fallback_last"], p["sampled"], uniform)
+                         p["fallback_last"], p["sampled"], self.decision_uniforms(b, position))
         done = walk.done | s["forced"]
         chosen = torch.where(s["forced"], s["index"], walk.chosen_index)
-        asked = torch.where(judging, s["asked"] + (walk.asked & ~s["forced"]).long(), s["asked"])
+        asked_now = walk.asked & ~s["forced"]
+        asked = torch.where(judging, s["asked"] + asked_now.long(), s["asked"])
 
         emit = judging & done & (chosen == s["index"])
         refeed = judging & done & ~emit  # fallback "first": feed the first candidate again
         emitted = s["cand"].gather(1, s["index"].unsqueeze(1)).squeeze(1)
-        position, evaluated = s["index"].clone(), asked.clone()
+        position_in_list, evaluated = s["index"].clone(), asked.clone()
+
+        # New candidate lists: after prefill / re-entry, and after each emit.
+        fresh = is_mara & (~s["pending"] | emit)
+        if self.trace is not None:
+            self._record(is_mara_cpu, s, hidden, decision_logits, position, asked_now,
+                         walk.accepted, emit, fresh)
 
         index = torch.where(judging & ~done, walk.next_index, s["index"])
         index = torch.where(refeed, chosen, index)
         forced = torch.where(judging, refeed, s["forced"])
-
-        # New candidate lists: after prefill / re-entry, and after each emit.
-        fresh = is_mara & (~s["pending"] | emit)
-        ids, _, valid = candidate_set(logits, p["top_k"], p["top_p"], self.max_k)
+        ids, probs, valid = candidate_set(logits, p["top_k"], p["top_p"], self.max_k)
         cand = torch.where(fresh.unsqueeze(1), ids, s["cand"])
+        cand_prob = torch.where(fresh.unsqueeze(1), probs, s["cand_prob"])
         n_valid = torch.where(fresh, valid.sum(dim=1), s["n_valid"])
         index = torch.where(fresh, 0, index)
         forced = forced & ~fresh
         asked = torch.where(fresh, 0, asked)
         pending = s["pending"] | is_mara
 
-        for name, value in (("cand", cand), ("n_valid", n_valid), ("index", index),
-                            ("forced", forced), ("asked", asked), ("pending", pending)):
+        for name, value in (("cand", cand), ("cand_prob", cand_prob), ("n_valid", n_valid),
+                            ("index", index), ("forced", forced), ("asked", asked),
+                            ("pending", pending)):
             s[name].copy_(value)
         next_input = cand.gather(1, index.unsqueeze(1)).squeeze(1)
 
@@ -236,4 +249,27 @@ class MaraRows:
         one_hot = torch.full_like(others, float("-inf"))
         one_hot.scatter_(1, token.unsqueeze(1), 0.0)
         out = torch.where(is_mara.unsqueeze(1), one_hot, others)
-        return out, StepResult(is_mara, emit | ~is_mara, position, evaluated, next_input)
+        return out, StepResult(is_mara, emit | ~is_mara, position_in_list, evaluated, next_input)
+
+    def _record(self, is_mara_cpu, s, hidden, decision_logits, position, asked, accepted, emit,
+                fresh) -> None:
+        """Add this step's judged candidates of seeded rows to ``self.trace``.
+
+        The emitted token's ``log π_θ(t) − log π_ref(t)`` (the trainer's KL
+        term) is ``log_reject + log a`` (``a`` → 1 unasked) minus the log of
+        its probability under the LLM; ``log_reject`` accumulates
+        ``log(1 − a_j)`` over the position's rejections.
+        """
+        b = hidden.shape[0]
+        rows = (is_mara_cpu & self.pending_cpu[:b] & self.params_cpu["seeded"][:b]).nonzero()
+        log_p = torch.log_softmax(decision_logits, dim=-1)
+        log_pi = s["log_reject"] + torch.where(asked, log_p[:, ACCEPT], 0.0)
+        p_ref = s["cand_prob"].gather(1, s["index"].unsqueeze(1)).squeeze(1)
+        diff = log_pi - p_ref.clamp_min(1e-30).log()
+        s["log_reject"].copy_(torch.where(fresh | emit, 0.0,
+                                          s["log_reject"] + torch.where(asked, log_p[:, 1 - ACCEPT], 0.0)))
+        if rows.numel():
+            rows = rows.squeeze(1).to(hidden.device, non_blocking=True)
+            self.trace.record(rows, seed=self.params["seed"], key=position * KEY_SPAN + s["index"],
+                              asked=asked, accepted=accepted, emit=emit, diff=diff,
+                              state=hidden.float())

@@ -94,8 +94,8 @@ class MaraAgent(nn.Module):
         return torch.softmax(self.logits(hidden), dim=-1)
 
     @torch.no_grad()
-    def accept_prob(self, hidden: torch.Tensor) -> torch.Tensor:
-        """P(accept) = ``softmax(logits)[..., 1]`` for [..., d] hidden states → [...] float32.
+    def decision_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., d] hidden states → [..., 2] float32 (reject, accept) logits, checked.
 
         The hidden states may come in the LLM's dtype (bf16/fp16); they are
         cast to float32 and the agent runs in float32, as the released code
@@ -107,8 +107,11 @@ class MaraAgent(nn.Module):
             raise ValueError(f"MaraAgent takes hidden size {self.hidden_size}, "
                              f"got states of shape {tuple(hidden.shape)}")
         # Through ``logits``, not ``forward``: subclasses (the SAC actor) return logits there.
-        logits = self.logits(hidden.to(device=self.ln.weight.device, dtype=torch.float32))
-        return torch.softmax(logits, dim=-1)[..., ACCEPT]
+        return self.logits(hidden.to(device=self.ln.weight.device, dtype=torch.float32))
+
+    def accept_prob(self, hidden: torch.Tensor) -> torch.Tensor:
+        """P(accept) = ``softmax(decision_logits)[..., 1]``: [..., d] → [...] float32."""
+        return torch.softmax(self.decision_logits(hidden), dim=-1)[..., ACCEPT]
 
 
 # ---------------------------------------------------------------------------

@@ -210,12 +210,14 @@ class WalkStep(NamedTuple):
         next_index: [B] int64, the candidate to feed next where not done.
         asked: [B] bool, whether the agent's verdict at this index was used
             (counts toward ``Walk.num_evaluated``).
+        accepted: [B] bool, asked and accepted (the decision's action).
     """
 
     done: torch.Tensor
     chosen_index: torch.Tensor
     next_index: torch.Tensor
     asked: torch.Tensor
+    accepted: torch.Tensor
 
 
 def walk_step(index: torch.Tensor, n_valid: torch.Tensor, accept_prob: torch.Tensor,
@@ -245,7 +247,52 @@ def walk_step(index: torch.Tensor, n_valid: torch.Tensor, accept_prob: torch.Ten
     done = accepted | exhausted
     forced = torch.where(fallback_last, n_valid - 1, torch.zeros_like(n_valid))
     chosen = torch.where(accepted, index, torch.where(exhausted, forced, index))
-    return WalkStep(done, chosen, torch.where(done, index, index + 1), asked)
+    return WalkStep(done, chosen, torch.where(done, index, index + 1), asked, accepted)
+
+
+# ---------------------------------------------------------------------------
+# Seeded decisions
+# ---------------------------------------------------------------------------
+
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64's constants, as signed int64
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+# Walk-order key of a candidate: position * KEY_SPAN + index (index < 2^32).
+KEY_SPAN = 1 << 32
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's output function on int64 tensors (wrapping arithmetic mod 2^64)."""
+    z = x + _GOLDEN
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+def decision_uniform(seed: torch.Tensor, position: torch.Tensor,
+                     index: torch.Tensor) -> torch.Tensor:
+    """The U[0, 1) draw of a seeded sampled decision, a pure function of where it is made.
+
+    ``u = top24(splitmix64(splitmix64(splitmix64(seed) + position) + index)) / 2^24``
+
+    for the candidate at walk ``index`` of response ``position`` (tokens
+    emitted before it) of a sequence seeded ``seed``. A counter-based draw
+    depends on nothing else: not on the batch, the step, preemption (a
+    recomputed walk redraws the same values) or any generator's state; the
+    engine and the trainer's HF rollout therefore make the same decisions.
+
+    Args:
+        seed, position, index: [B] int64 (broadcastable).
+    Returns:
+        [B] float32 in [0, 1), multiples of 2^-24 (exact in float32).
+    """
+    h = _splitmix64(_splitmix64(_splitmix64(seed.long()) + position.long()) + index.long())
+    return _shift_right(h, 40).float() * (1.0 / (1 << 24))
 
 
 # ---------------------------------------------------------------------------

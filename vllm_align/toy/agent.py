@@ -87,6 +87,7 @@ class ToySettings:
     seed: int = 0  # networks, replay sampling, prompt order, rollout decisions
     threads: int = 1  # torch threads (a tiny model: more threads mostly add overhead)
     num_train_prompts: int = 512  # distinct training requests
+    rollout: str = "engine"  # episodes in a vLLM engine ("hf": the HF reference rollout)
 
     def train_config(self, world_dir: Path, out_dir: Path, **overrides: Any):
         from vllm_align.train.config import SACConfig, TrainConfig
@@ -103,10 +104,13 @@ class ToySettings:
             self.seed, self.num_train_prompts), output_dir=str(out_dir),
             reward="vllm_align.toy.world:polite_count", sac=sac,
             rollout_batch=self.rollout_batch, checkpoint_every=512, threads=self.threads,
-            progress=False, log_every=4)
+            progress=False, log_every=4, rollout=self.rollout, engine_args=dict(TOY_ENGINE))
         fields.update(overrides)
         return TrainConfig(**fields).validate()
 
+
+# The rollout engine of the toy runs: eager (a CPU compile costs more than the whole run).
+TOY_ENGINE = {"enforce_eager": True, "max_model_len": 256}
 
 EVAL_SEEDS = (1000, 1001, 1002, 1003)  # sampled evaluations: 4 x 64 held-out episodes
 
@@ -150,7 +154,7 @@ def evaluate(model_path: str, runs: dict[str, tuple[Optional[dict], str]], *,
 # ---------------------------------------------------------------------------
 
 # Bump when the training recipe changes in a way ToySettings does not record.
-AGENT_RECIPE_VERSION = 1
+AGENT_RECIPE_VERSION = 2  # 2: engine rollouts, counter-based decision draws
 UNTRAINED_FILE = "untrained.safetensors"
 
 

@@ -12,7 +12,7 @@ served default), with MARA's own candidate set at the same top-k/top-p.
 
 Sampled runs are decoded once per repeat in ``SEEDS``, every request with
 ``SamplingParams(seed=1000 * repeat + prompt index)``: plain sampling and
-MARA's sampled decisions (drawn from the request's seeded generator) are
+MARA's sampled decisions (counter-based draws from the request's seed) are
 reproducible whatever the batch. Greedy runs are exact.
 
 Why compare greedy decisions only with care: with fallback "last", an agent
@@ -49,9 +49,8 @@ class Run:
         if self.align is None and self.sampled:
             return SamplingParams(max_tokens=max_tokens, temperature=1.0, top_k=TOP_K,
                                   top_p=TOP_P, seed=seed)
-        if self.sampled:  # MARA, sampled decisions: the seed decides them (temperature
-            # has no other effect on MARA; at 0 vLLM would keep no seeded generator)
-            return SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, **extra)
+        if self.sampled:  # MARA, sampled decisions: the seed decides them
+            return SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=seed, **extra)
         return SamplingParams(max_tokens=max_tokens, temperature=0.0, **extra)
 
 

@@ -20,6 +20,7 @@ KL token reward depends on the accept probabilities themselves.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -152,6 +153,7 @@ def _float(cfg: SACConfig, name: str, lo: float | None = None, hi: float | None 
 # ---------------------------------------------------------------------------
 
 DTYPES = ("float32", "bfloat16", "float16")
+ROLLOUTS = ("engine", "hf")
 
 
 @dataclass
@@ -190,6 +192,13 @@ class TrainConfig:
     dtype: str = option("float32", "LLM dtype; states are stored and fed to the agent as "
                                    "float32", choices=DTYPES)
     device: str = option("cpu", "device of the LLM, the reward models and the learner")
+    rollout: str = option("engine", "where episodes are rolled out: 'engine' (a vLLM engine "
+                                    "serving --model, the actor installed as its MARA agent) "
+                                    "or 'hf' (the PyTorch/HF reference); the same transitions",
+                          choices=ROLLOUTS)
+    engine_args: Optional[dict] = option(None, "vLLM engine arguments of the rollout engine, "
+                                               "as JSON, e.g. '{\"enforce_eager\": true}'",
+                                         parse=json.loads, metavar="JSON")
     threads: Optional[int] = option(None, "torch threads per process (None: torch's default)")
     reward_batch_size: int = option(16, "pairs per reward/cost model forward")
     progress: bool = option(True, "no progress bar")
@@ -226,6 +235,14 @@ class TrainConfig:
             _int(self, "threads", lo=1)
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.rollout not in ROLLOUTS:
+            raise ValueError(f"TrainConfig.rollout must be one of {list(ROLLOUTS)}, got "
+                             f"{self.rollout!r}")
+        if self.engine_args is not None and not (
+                isinstance(self.engine_args, dict) and all(isinstance(k, str)
+                                                           for k in self.engine_args)):
+            raise ValueError("TrainConfig.engine_args must be a dict of vLLM engine arguments, "
+                             f"got {self.engine_args!r:.80}")
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"TrainConfig.device must be a device string, got {self.device!r}")
         for name in ("save_replay", "resume", "progress", "tensorboard"):

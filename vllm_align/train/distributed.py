@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from vllm_align.data.prompts import Prompt
-from vllm_align.train.rollout import HFRollout, RolloutBatch, RolloutSpec
+from vllm_align.train.rollout import RolloutBatch, RolloutSpec
 
 
 class RolloutWorker:
@@ -30,8 +30,10 @@ class RolloutWorker:
 
     def __init__(self, spec: RolloutSpec, worker_id: int, threads: int = 1) -> None:
         torch.set_num_threads(threads)
+        from vllm_align.train.engine_rollout import open_rollout
+
         self.worker_id = worker_id
-        self.rollout = HFRollout.from_spec(spec)
+        self.rollout = open_rollout(spec)
 
     def hidden_size(self) -> int:
         return self.rollout.hidden_size

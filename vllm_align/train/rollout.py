@@ -43,7 +43,7 @@ from typing import Any, Mapping, Optional, Protocol, Sequence, Union
 import torch
 
 from vllm_align.mara.agent import ACCEPT, MaraAgent
-from vllm_align.mara.rules import candidate_set
+from vllm_align.mara.rules import KEY_SPAN, candidate_set, decision_uniform
 from vllm_align.data.prompts import Prompt
 from vllm_align.train.config import TrainConfig
 from vllm_align.train.sac import Batch
@@ -95,6 +95,47 @@ class RolloutBatch:
         return int(self.transitions.action.numel())
 
 
+@dataclass
+class WalkRecords:
+    """A rollout's walk, flat: what every rollout (HF or engine) records.
+
+    Keys order an episode's candidates as walked: ``position · KEY_SPAN + index``
+    (tokens emitted before the candidate, its place in the candidate list).
+
+    Attributes:
+        dec_episode, dec_key: [M] int64, each agent decision's episode and key;
+        state: [M, d] float32 its state; action: [M] int64 (1 = accept).
+        ev_episode, ev_key: [E] int64, each emitted token's episode and key;
+        ev_diff: [E] float32 its ``log π_θ(t) − log π_ref(t)``.
+    """
+
+    dec_episode: torch.Tensor
+    dec_key: torch.Tensor
+    state: torch.Tensor
+    action: torch.Tensor
+    ev_episode: torch.Tensor
+    ev_key: torch.Tensor
+    ev_diff: torch.Tensor
+
+
+def episode_seeds(rollout_seed: int, n: int) -> list[int]:
+    """The seed of each of a rollout's ``n`` episodes: distinct, in [0, 2^63).
+
+    An episode's sampled decisions are ``rules.decision_uniform(seed, ...)``
+    draws in every rollout; the engine rollout passes it as the request's seed.
+    """
+    import hashlib
+
+    def one(b: int) -> int:
+        digest = hashlib.blake2b(f"{int(rollout_seed)}/{b}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") >> 1
+
+    seeds = [one(b) for b in range(n)]
+    if len(set(seeds)) != n:  # 64-bit hashes of a few thousand ids: never in practice
+        raise RuntimeError(f"episode seeds of rollout {rollout_seed} collide")
+    return seeds
+
+
 class Rollout(Protocol):
     """What the trainer needs from an environment."""
 
@@ -131,7 +172,8 @@ class RolloutSpec:
     dtype: str = "float32"
     device: str = "cpu"
     reward_batch_size: int = 16
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    rollout: str = "engine"  # "engine" (train.engine_rollout) or "hf" (HFRollout)
+    engine_args: Mapping[str, Any] = field(default_factory=dict)  # the engine's LLM(...) kwargs
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "RolloutSpec":
@@ -140,7 +182,8 @@ class RolloutSpec:
         return cls(model=str(cfg.model), reward=cfg.reward, cost=cfg.cost, alpha_r=s.alpha_r,
                    alpha_c=s.alpha_c, kl_coef=s.kl_coef, top_k=s.top_k, top_p=s.top_p,
                    max_response_len=s.max_response_len, dtype=cfg.dtype, device=cfg.device,
-                   reward_batch_size=cfg.reward_batch_size)
+                   reward_batch_size=cfg.reward_batch_size, rollout=cfg.rollout,
+                   engine_args=dict(cfg.engine_args or {}))
 
     def terminal(self) -> TerminalReward:
         """The terminal reward of these rollouts, its scorers loaded."""
@@ -259,8 +302,8 @@ class HFRollout:
             if actor_state is None:
                 raise ValueError(f"decisions={decisions!r} needs actor weights")
             self.agent.load_state_dict(actor_state)
-        gen = torch.Generator().manual_seed(int(seed))
         dev, n_ep, max_len = self.device, len(prompts), self.max_response_len
+        seeds = torch.tensor(episode_seeds(seed, n_ep), dtype=torch.long, device=dev)
 
         cache, mask, pos, logits = self._prefill(prompts)
         cand, cand_p, valid = self._candidates(logits)
@@ -274,13 +317,14 @@ class HFRollout:
         fallbacks = torch.zeros(n_ep, dtype=torch.long, device=dev)
         lengths = torch.zeros(n_ep, dtype=torch.long, device=dev)
         row_forwards = 0
-        decisions_log: list[tuple] = []  # (episode, step, state, action) per asked row
-        events: list[tuple] = []  # (episode, step, token reward, log π_θ − log π_ref) per emit
-        step = 0
+        decisions_log: list[tuple] = []  # (episode, key, state, action) per asked row
+        events: list[tuple] = []  # (episode, key, log π_θ − log π_ref) per emit
         while rows.numel():
             tok = cand.gather(1, idx[:, None])  # [B, 1]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             hidden, next_logits = self._forward(tok, mask, pos[:, None], cache)
+            key = n_tok * KEY_SPAN + idx
+            u = decision_uniform(seeds[rows], n_tok, idx)
 
             # Decisions. Not asked: a lone candidate, or the forced last one.
             asked = idx < n_valid - 1
@@ -291,30 +335,26 @@ class HFRollout:
                     p_k = cand_p.gather(1, idx[:, None]).squeeze(1)
                     col = torch.arange(cand_p.shape[1], device=dev)
                     tail = torch.where(col >= idx[:, None], cand_p, 0.0).sum(1)
-                    accept = torch.rand(rows.numel(), generator=gen).to(dev) * tail < p_k
+                    accept = u * tail < p_k
                 logp_acc = logp_rej = torch.zeros(rows.numel(), device=dev)
             else:
                 agent_logits = self.agent.logits(hidden)
                 logp = torch.log_softmax(agent_logits, dim=-1)
                 a = torch.softmax(agent_logits, dim=-1)[:, ACCEPT]  # as MaraAgent.accept_prob
                 logp_acc, logp_rej = logp[:, ACCEPT], logp[:, 1 - ACCEPT]
-                if decisions == "greedy":
-                    accept = a > self.threshold
-                else:
-                    accept = torch.rand(rows.numel(), generator=gen).to(dev) < a
-                decisions_log.append((rows[asked], step, hidden[asked],
+                accept = a > self.threshold if decisions == "greedy" else u < a
+                decisions_log.append((rows[asked], key[asked], hidden[asked],
                                       accept[asked].long()))
             emit = ~asked | accept
             forced = ~asked & (n_valid > 1)  # the last candidate, all before it rejected
             fallbacks.index_add_(0, rows[forced], torch.ones_like(rows[forced]))
             row_forwards += rows.numel()
 
-            # Token reward of emitted tokens: −λ·(log π_θ(t) − log π_ref(t)).
+            # The emitted token's log π_θ(t) − log π_ref(t) (its reward's KL term).
             log_pi = log_reject + torch.where(asked, logp_acc, torch.zeros_like(logp_acc))
             log_ref = cand_p.gather(1, idx[:, None]).squeeze(1).clamp_min(1e-30).log()
-            diff = log_pi - log_ref
             if emit.any():
-                events.append((rows[emit], step, -self.kl_coef * diff[emit], diff[emit]))
+                events.append((rows[emit], key[emit], (log_pi - log_ref)[emit]))
 
             # Rejected candidates leave the context; emitted ones stay.
             mask[:, -1] = emit.long()
@@ -331,7 +371,6 @@ class HFRollout:
             log_reject = torch.where(emit, torch.zeros_like(log_reject), log_reject + logp_rej)
 
             finished = emit & ((tok[:, 0] == self.eos_id) | (n_tok >= max_len))
-            step += 1
             if finished.any():
                 lengths[rows[finished]] = n_tok[finished]
                 keep = (~finished).nonzero().squeeze(1)
@@ -339,71 +378,79 @@ class HFRollout:
                 rows, mask, pos, idx, log_reject, n_tok = (
                     t[keep] for t in (rows, mask, pos, idx, log_reject, n_tok))
                 cand, cand_p, valid, n_valid = cand[keep], cand_p[keep], valid[keep], n_valid[keep]
-        out = self._assemble(prompts, tokens, chosen, lengths, fallbacks, decisions_log, events,
-                             step)
+        tokens, chosen, lengths = tokens.cpu(), chosen.cpu(), lengths.cpu()
+        out = assemble(
+            prompts, [tokens[b, :lengths[b]].tolist() for b in range(n_ep)],
+            [chosen[b, :lengths[b]].tolist() for b in range(n_ep)], fallbacks.cpu().tolist(),
+            _records(decisions_log, events, self.hidden_size), self.tokenizer, self.terminal,
+            self.kl_coef)
         out.forwards = row_forwards
         return out
 
-    def _assemble(self, prompts, tokens, chosen, lengths, fallbacks, decisions_log, events,
-                  steps) -> RolloutBatch:
-        """Per-step records → transitions with next states, folded rewards and done flags."""
-        n_ep, d = len(prompts), self.hidden_size
-        tokens, chosen, lengths = tokens.cpu(), chosen.cpu(), lengths.cpu()
-        fallbacks_cpu = fallbacks.cpu()
-        token_lists = [tokens[b, :lengths[b]].tolist() for b in range(n_ep)]
-        responses = [self.tokenizer.decode(t, skip_special_tokens=True) for t in token_lists]
-        if self.terminal is not None:
-            r, c, term = self.terminal(prompts, responses)
-        else:
-            r = c = term = [0.0] * n_ep
-        terminal = torch.tensor(term, dtype=torch.float32)
 
-        ev_ep = torch.cat([e[0].cpu() for e in events]) if events else torch.zeros(0, dtype=torch.long)
-        ev_step = torch.cat([torch.full((e[0].numel(),), e[1]) for e in events]) \
-            if events else torch.zeros(0, dtype=torch.long)
-        ev_r = torch.cat([e[2].cpu() for e in events]) if events else torch.zeros(0)
-        ev_kl = torch.cat([e[3].cpu() for e in events]) if events else torch.zeros(0)
-        kl = torch.zeros(n_ep).index_add_(0, ev_ep, ev_kl)
+def _records(decisions_log: list[tuple], events: list[tuple], d: int) -> WalkRecords:
+    """``WalkRecords`` from the HF rollout's per-micro-step lists."""
+    def column(log, i, empty):
+        return torch.cat([x[i].cpu() for x in log]) if log else empty
+    long0 = torch.zeros(0, dtype=torch.long)
+    return WalkRecords(column(decisions_log, 0, long0), column(decisions_log, 1, long0),
+                       column(decisions_log, 2, torch.zeros(0, d)),
+                       column(decisions_log, 3, long0), column(events, 0, long0),
+                       column(events, 1, long0), column(events, 2, torch.zeros(0)))
 
-        if decisions_log:
-            dec_ep = torch.cat([x[0].cpu() for x in decisions_log])
-            dec_step = torch.cat([torch.full((x[0].numel(),), x[1]) for x in decisions_log])
-            state = torch.cat([x[2].cpu() for x in decisions_log])
-            action = torch.cat([x[3].cpu() for x in decisions_log])
-        else:
-            dec_ep = dec_step = action = torch.zeros(0, dtype=torch.long)
-            state = torch.zeros(0, d)
-        span = steps + 1
-        key = dec_ep * span + dec_step
-        order = torch.argsort(key)
-        key, dec_ep, state, action = key[order], dec_ep[order], state[order], action[order]
-        n = key.numel()
 
-        # Each token reward goes to the latest decision of its episode at or before it.
-        reward = torch.zeros(n)
-        if n:
-            owner = torch.searchsorted(key, ev_ep * span + ev_step, right=True) - 1
-            ok = (owner >= 0) & (dec_ep[owner.clamp(min=0)] == ev_ep)
-            reward.index_add_(0, owner[ok], ev_r[ok])
-        last = torch.ones(n, dtype=torch.bool)  # an episode's last decision: done
-        last[:-1] = dec_ep[1:] != dec_ep[:-1]
-        reward[last] += terminal[dec_ep[last]]
-        next_state = torch.zeros_like(state)
-        next_state[:-1] = state[1:]
-        next_state[last] = 0.0
-        returns = torch.zeros(n_ep).index_add_(0, dec_ep, reward)
-        n_dec = torch.bincount(dec_ep, minlength=n_ep)
-        n_acc = torch.bincount(dec_ep, weights=action.float(), minlength=n_ep)
+def assemble(prompts: Sequence[Prompt], token_lists: list[list[int]],
+             chosen_lists: list[list[int]], fallbacks: list[int], records: WalkRecords,
+             tokenizer, terminal: Optional[TerminalReward], kl_coef: float) -> RolloutBatch:
+    """A rollout's episodes → transitions with next states, folded rewards and done flags.
 
-        episodes = []
-        for b in range(n_ep):
-            picks = chosen[b, :lengths[b]]
-            episodes.append(Episode(
-                prompt_id=prompts[b].id, token_ids=token_lists[b], response=responses[b],
-                chosen=picks.tolist(), reward=float(r[b]), cost=float(c[b]),
-                terminal=float(term[b]), kl=float(kl[b]), num_decisions=int(n_dec[b]),
-                num_accepts=int(n_acc[b]), num_fallbacks=int(fallbacks_cpu[b]),
-                episode_return=float(returns[b])))
-        batch = Batch(state=state.float(), action=action.long(), reward=reward.float(),
-                      next_state=next_state.float(), done=last.float())
-        return RolloutBatch(batch, episodes)
+    Each decision's transition collects the token rewards ``−kl_coef·diff`` of
+    the tokens emitted from it up to (not including) the episode's next
+    decision; the episode's last decision also gets the terminal reward and
+    ``done = 1``. Shared by every rollout, so that equal walks give equal
+    transitions.
+    """
+    n_ep = len(prompts)
+    responses = [tokenizer.decode(t, skip_special_tokens=True) for t in token_lists]
+    if terminal is not None:
+        r, c, term = terminal(prompts, responses)
+    else:
+        r = c = term = [0.0] * n_ep
+    terminal_t = torch.tensor(term, dtype=torch.float32)
+    rec = records
+    kl = torch.zeros(n_ep).index_add_(0, rec.ev_episode, rec.ev_diff.float())
+
+    # Walk order: by (episode, key), as one int64 key over the keys' ranks.
+    ranks = torch.unique(torch.cat([rec.dec_key, rec.ev_key]))  # sorted
+    span = ranks.numel() + 1
+    dec_order = rec.dec_episode * span + torch.searchsorted(ranks, rec.dec_key)
+    ev_order = rec.ev_episode * span + torch.searchsorted(ranks, rec.ev_key)
+    dec_order, order = torch.sort(dec_order)
+    dec_ep, state, action = rec.dec_episode[order], rec.state[order], rec.action[order]
+    n = dec_ep.numel()
+
+    # Each token reward goes to the latest decision of its episode at or before it.
+    reward = torch.zeros(n)
+    if n:
+        owner = torch.searchsorted(dec_order, ev_order, right=True) - 1
+        ok = (owner >= 0) & (dec_ep[owner.clamp(min=0)] == rec.ev_episode)
+        reward.index_add_(0, owner[ok], -kl_coef * rec.ev_diff.float()[ok])
+    last = torch.ones(n, dtype=torch.bool)  # an episode's last decision: done
+    last[:-1] = dec_ep[1:] != dec_ep[:-1]
+    reward[last] += terminal_t[dec_ep[last]]
+    next_state = torch.zeros_like(state)
+    next_state[:-1] = state[1:]
+    next_state[last] = 0.0
+    returns = torch.zeros(n_ep).index_add_(0, dec_ep, reward)
+    n_dec = torch.bincount(dec_ep, minlength=n_ep)
+    n_acc = torch.bincount(dec_ep, weights=action.float(), minlength=n_ep)
+
+    episodes = [Episode(
+        prompt_id=prompts[b].id, token_ids=token_lists[b], response=responses[b],
+        chosen=list(chosen_lists[b]), reward=float(r[b]), cost=float(c[b]),
+        terminal=float(term[b]), kl=float(kl[b]), num_decisions=int(n_dec[b]),
+        num_accepts=int(n_acc[b]), num_fallbacks=int(fallbacks[b]),
+        episode_return=float(returns[b])) for b in range(n_ep)]
+    batch = Batch(state=state.float(), action=action.long(), reward=reward.float(),
+                  next_state=next_state.float(), done=last.float())
+    return RolloutBatch(batch, episodes)

@@ -36,7 +36,7 @@ from vllm_align.train.metrics import MetricsLog, console_line, mean_sac, rollout
 from vllm_align.data.prompts import Prompt, load_prompts
 from vllm_align.train.prompts import PromptSampler
 from vllm_align.train.replay import ReplayBuffer
-from vllm_align.train.rollout import HFRollout, Rollout, RolloutBatch, RolloutSpec
+from vllm_align.train.rollout import Rollout, RolloutBatch, RolloutSpec
 from vllm_align.train.sac import SACState, sac_update
 
 FORMAT_VERSION = 1
@@ -68,7 +68,7 @@ class MaraTrainer:
     Args:
         cfg: the run; validated here.
         rollout: an in-process environment to use instead of building an
-            ``HFRollout`` from ``cfg`` (single process only).
+            ``cfg.rollout`` from ``cfg`` (single process only).
         prompts: already-encoded prompts to use instead of reading ``cfg.prompts``.
     """
 
@@ -255,7 +255,9 @@ class MaraTrainer:
         return [prompts[i] for i in self.sampler.take(n)]
 
     def _run_local(self, prompts: list[Prompt], bar) -> None:
-        rollout = self._rollout or HFRollout.from_spec(RolloutSpec.from_config(self.cfg))
+        from vllm_align.train.engine_rollout import open_rollout
+
+        rollout = self._rollout or open_rollout(RolloutSpec.from_config(self.cfg))
         since = self.episodes
         while self.episodes < self.cfg.sac.training_episodes:
             batch_prompts = self.next_prompts(prompts, self.episodes)

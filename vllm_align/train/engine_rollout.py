@@ -1,0 +1,177 @@
+"""MARA rollouts inside a vLLM engine: the walk that serves requests, in training.
+
+The engine serves the LLM with one MARA agent, ``AGENT``, whose weights are
+the SAC actor's: ``collect`` copies the newest actor into it (through
+``LLM.collective_rpc``, ``engine/training.py``; no restart, the LLM stays
+loaded), then decodes one request per episode with sampled decisions
+(``"decisions": "sampled"``, fallback "last"), each request seeded with its
+episode's seed (``rollout.episode_seeds``). A seeded decision draws
+``rules.decision_uniform(seed, position, index)``, as the HF rollout does, so
+both rollouts make the same decisions on the same states.
+
+The engine records each judged candidate of these seeded rows
+(``engine/mara_trace.py``: the state, the action, the emitted token's
+``log π_θ − log π_ref``), kept on the worker's device during the rollout and
+fetched once at its end; the episodes' tokens and candidate positions come
+with the request outputs. ``rollout.assemble`` turns both into transitions, as
+for the HF rollout. Requests that are not being trained (unseeded, or on an
+engine that does not record) never pay for this.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+
+from vllm_align.data.prompts import Prompt
+from vllm_align.mara.agent import MaraAgent, save_agent
+from vllm_align.train.rollout import (DECISION_MODES, HFRollout, RolloutBatch, RolloutSpec,
+                                      WalkRecords, assemble, episode_seeds)
+from vllm_align.train.terminal import TerminalReward
+
+AGENT = "train"  # the engine's name for the agent being trained
+
+
+def rollout_engine(spec: RolloutSpec):
+    """A ``vllm.LLM`` serving ``spec.model`` with an agent ``AGENT`` (its weights are
+    replaced by every rollout) and the recording worker extension."""
+    import tempfile
+
+    from transformers import AutoConfig
+    from vllm import LLM
+
+    from vllm_align.engine.training import WORKER_EXTENSION
+
+    d = AutoConfig.from_pretrained(spec.model).hidden_size
+    # No prefix caching by default: a resumed run must repeat the uninterrupted one
+    # exactly, and cached prompt blocks would change a later rollout's float path.
+    kwargs: dict[str, Any] = {"dtype": spec.dtype, "seed": 0, "enable_prefix_caching": False,
+                              **dict(spec.engine_args)}
+    with tempfile.TemporaryDirectory() as tmp:  # read once, at start-up
+        path = save_agent(MaraAgent(d), f"{tmp}/{AGENT}.safetensors")
+        llm = LLM(model=spec.model, worker_extension_cls=WORKER_EXTENSION,
+                  additional_config={"align": {"mara_agents": {AGENT: str(path)}}}, **kwargs)
+    llm.collective_rpc("vllm_align_record", args=(True,))
+    return llm
+
+
+def open_rollout(spec: RolloutSpec):
+    """The rollout ``spec`` asks for: an ``EngineRollout`` or the ``HFRollout`` reference."""
+    return EngineRollout.from_spec(spec) if spec.rollout == "engine" else HFRollout.from_spec(spec)
+
+
+class EngineRollout:
+    """Batched MARA rollouts in a vLLM engine (see the module doc).
+
+    Args:
+        llm: a ``vllm.LLM`` from ``rollout_engine`` (serving agent ``AGENT``, recording).
+        tokenizer: the LLM's tokenizer (decoding responses, as the HF rollout).
+        terminal, kl_coef, top_k, top_p, max_response_len, threshold: as ``HFRollout``.
+    """
+
+    def __init__(self, llm, tokenizer, terminal: Optional[TerminalReward] = None, *,
+                 kl_coef: float = 0.1, top_k: int = 40, top_p: float = 0.95,
+                 max_response_len: int = 512, threshold: float = 0.5) -> None:
+        self.llm, self.tokenizer, self.terminal = llm, tokenizer, terminal
+        self.kl_coef, self.top_k, self.top_p = float(kl_coef), int(top_k), float(top_p)
+        self.max_response_len, self.threshold = int(max_response_len), float(threshold)
+        self.hidden_size = int(llm.llm_engine.vllm_config.model_config.get_hidden_size())
+
+    @classmethod
+    def from_spec(cls, spec: RolloutSpec) -> "EngineRollout":
+        from transformers import AutoTokenizer
+
+        return cls(rollout_engine(spec), AutoTokenizer.from_pretrained(spec.model),
+                   spec.terminal(), kl_coef=spec.kl_coef, top_k=spec.top_k, top_p=spec.top_p,
+                   max_response_len=spec.max_response_len, threshold=spec.threshold)
+
+    def set_actor(self, actor_state: Mapping[str, torch.Tensor]) -> None:
+        """Install new actor weights as the engine's agent (every worker, in place)."""
+        from safetensors.torch import save
+
+        state = {k: v.detach().to("cpu", torch.float32).contiguous()
+                 for k, v in actor_state.items()}
+        self.llm.collective_rpc("vllm_align_set_agent", args=(AGENT, save(state)))
+
+    @torch.no_grad()
+    def collect(self, prompts: Sequence[Prompt], actor_state: Optional[Mapping[str, torch.Tensor]],
+                *, seed: int = 0, decisions: str = "sampled") -> RolloutBatch:
+        """One episode per prompt; ``decisions`` "sampled" (training) or "greedy" (as served).
+
+        The LLM-only modes of ``Rollout.collect`` ("plain", "reference") are the
+        engine's plain decoding and are not rolled out here.
+        """
+        from safetensors.torch import load
+        from vllm import SamplingParams, TokensPrompt
+
+        from vllm_align.engine.stats import mara_stats
+
+        if decisions not in ("sampled", "greedy"):
+            raise ValueError(f"the engine rollout takes decisions 'sampled' or 'greedy' (of "
+                             f"{list(DECISION_MODES)}), got {decisions!r}")
+        if actor_state is None:
+            raise ValueError(f"decisions={decisions!r} needs actor weights")
+        self.set_actor(actor_state)
+        self.llm.collective_rpc("vllm_align_take_records")  # drop anything left over
+        seeds = episode_seeds(seed, len(prompts))
+        align = {"method": "mara", "agent": AGENT, "top_k": self.top_k, "top_p": self.top_p,
+                 "threshold": self.threshold, "fallback": "last", "decisions": decisions}
+        # The MARA rule decides the token (one-hot logits): greedy sampling returns it.
+        params = [SamplingParams(max_tokens=self.max_response_len, temperature=0.0, seed=s,
+                                 detokenize=False, extra_args={"align": align}) for s in seeds]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p.token_ids))
+                                     for p in prompts], params, use_tqdm=False)
+        blob = next((r for r in self.llm.collective_rpc("vllm_align_take_records") if r), b"")
+        records = load(blob) if blob else {}
+        token_lists, chosen_lists, fallbacks = [], [], []
+        for out in outputs:
+            completion = out.outputs[0]
+            stats = mara_stats(completion)
+            positions = list(stats.positions) if stats is not None else []
+            evaluated = list(stats.evaluated) if stats is not None else []
+            token_lists.append(list(completion.token_ids))
+            chosen_lists.append(positions)
+            # Fallback "last": every asked candidate rejected, the last one forced.
+            fallbacks.append(sum(p == e > 0 for p, e in zip(positions, evaluated)))
+        walk = walk_records(records, seeds, self.hidden_size)
+        batch = assemble(prompts, token_lists, chosen_lists, fallbacks, walk, self.tokenizer,
+                         self.terminal, self.kl_coef)
+        batch.forwards = int(records["key"].numel()) if records else 0
+        return batch
+
+    def close(self) -> None:
+        self.llm = None
+
+
+def walk_records(records: Mapping[str, torch.Tensor], seeds: Sequence[int],
+                 hidden_size: int) -> WalkRecords:
+    """The engine's records (``engine/mara_trace.py``) → ``WalkRecords`` of these episodes.
+
+    Records of other seeds are dropped; a candidate recorded twice (a preempted
+    request walks its position again, with the same draws) is kept once, the
+    later record.
+    """
+    long0 = torch.zeros(0, dtype=torch.long)
+    if not records:
+        return WalkRecords(long0, long0, torch.zeros(0, hidden_size), long0, long0, long0,
+                           torch.zeros(0))
+    seed_t = torch.tensor(list(seeds), dtype=torch.long)
+    sorted_seeds, by_seed = torch.sort(seed_t)
+    where = torch.searchsorted(sorted_seeds, records["seed"]).clamp(max=len(seeds) - 1)
+    ours = sorted_seeds[where] == records["seed"]
+    episode = by_seed[where]
+    # One record per (episode, key): the last.
+    keys = torch.unique(records["key"])
+    flat = episode * (keys.numel() + 1) + torch.searchsorted(keys, records["key"])
+    _, inverse = torch.unique(flat, return_inverse=True)
+    last = torch.full((int(inverse.max()) + 1,), -1, dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(flat.numel()), reduce="amax")
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[last] = True
+    keep &= ours
+    dec = keep & records["asked"]
+    ev = keep & records["emit"]
+    return WalkRecords(episode[dec], records["key"][dec], records["state"][dec].float(),
+                       records["accepted"][dec].long(), episode[ev], records["key"][ev],
+                       records["diff"][ev].float())
