@@ -9,6 +9,7 @@ disagreement.
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -232,3 +233,31 @@ def test_sampled_walk_follows_policy_probs(fallback_last):
     freq = torch.bincount(walk.chosen_index, minlength=cols).double() / draws
     pi = policy_probs(a[:1], valid[:1], torch.tensor([fallback_last]))[0].double()
     torch.testing.assert_close(freq, pi, rtol=0, atol=0.01)
+
+
+def _splitmix64(x: int) -> int:
+    mask = (1 << 64) - 1
+    z = (x + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def test_decision_uniform_is_splitmix64_of_seed_position_index():
+    """Seeded decisions draw a pure function of (seed, position, index): the engine's and the
+    HF rollout's draws agree, whatever the batch; checked against Python integers."""
+    from vllm_align.mara.rules import decision_uniform
+
+    rng = random.Random(0)
+    cases = [(rng.randrange(1 << 63), rng.randrange(4096), rng.randrange(1 << 17))
+             for _ in range(500)] + [(0, 0, 0), ((1 << 63) - 1, 511, 39)]
+    seed, pos, idx = (torch.tensor(c) for c in zip(*cases))
+    got = decision_uniform(seed, pos, idx)
+    mask = (1 << 64) - 1
+    want = [(_splitmix64((_splitmix64((_splitmix64(s) + p) & mask) + i) & mask) >> 40) / 2 ** 24
+            for s, p, i in cases]
+    assert got.dtype == torch.float32 and got.tolist() == want
+    many = decision_uniform(torch.arange(50_000), torch.zeros(50_000, dtype=torch.long),
+                            torch.zeros(50_000, dtype=torch.long))
+    assert 0.0 <= float(many.min()) and float(many.max()) < 1.0
+    assert abs(float(many.mean()) - 0.5) < 0.01 and abs(float(many.std()) - 0.2887) < 0.01

@@ -8,6 +8,10 @@
 * output directories are not silently reused, and a resume with other settings
   is refused naming the difference;
 * ``--num-workers 2`` runs two Ray rollout actors feeding one learner.
+
+Episodes roll out in a vLLM engine (``--rollout engine``, the default), the
+actor installed in it as a MARA agent; ``test_engine_rollout.py`` checks those
+transitions against the HF reference rollout.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from vllm_align.mara.agent import load_agent
 from vllm_align.train.config import SACConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
+# The rollout engine (episodes roll out in vLLM, the default): eager, a CPU compile costs minutes.
+ENGINE = '{"enforce_eager": true, "max_model_len": 128}'
 REWARD = '''
 def score(prompt, response):
     """Fraction of the response's characters that are vowels."""
@@ -52,7 +58,8 @@ def _args(setup, out: Path, *extra: str) -> list[str]:
             "--output-dir", str(out), "--reward", setup["reward"], "--episodes", "48",
             "--rollout-batch", "8", "--checkpoint-every", "16", "--batch-size", "32",
             "--learning-starts", "32", "--max-response-len", "10", "--threads", "1",
-            "--save-replay", "--no-progress", "--log-every", "1000", "--seed", "3", *extra]
+            "--save-replay", "--no-progress", "--log-every", "1000", "--seed", "3",
+            "--engine-args", ENGINE, *extra]
 
 
 def _rows(out: Path) -> list[dict]:
@@ -97,15 +104,20 @@ def test_cli_trains_and_writes_a_servable_agent(setup, uninterrupted):
 def test_killed_run_resumes_to_the_same_result(setup, uninterrupted):
     out = setup["root"] / "killed"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen([sys.executable, "-m", "vllm_align.cli.main", *_args(setup, out)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = out / "checkpoints" / "checkpoint-000000016"
-    deadline = time.monotonic() + 300
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    log = setup["root"] / "killed.log"
+    # Its own process group: SIGKILL takes the trainer and its rollout engine's processes
+    # down together, as a scheduler killing the job would.
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "vllm_align.cli.main",
+                                 *_args(setup, out)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+        first = out / "checkpoints" / "checkpoint-000000016"
+        deadline = time.monotonic() + 300
+        while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
     done = sorted(p.name for p in (out / "checkpoints").iterdir()
                   if p.name.startswith("checkpoint-"))
     assert done and done[-1] < "checkpoint-000000048"  # killed mid-run

@@ -38,16 +38,37 @@ BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 QUEUED = 2      # chunks queued per replica, so that it never waits for the driver
 
 
+def where() -> tuple[str, list[int], bool]:
+    """(node id, usable core ids, whether vLLM runs on CPU here), in a Ray actor."""
+    import ray
+    from vllm.platforms import current_platform
+
+    return (ray.get_runtime_context().get_node_id(), sorted(os.sched_getaffinity(0)),
+            current_platform.is_cpu())
+
+
+def engine_envs(places: Sequence[tuple[str, list[int], bool]], ranks: int) -> list[dict[str, str]]:
+    """The environment each engine actor starts its engine under, from the actors' ``where()``.
+
+    CPU engines sharing a node get ``VLLM_CPU_OMP_THREADS_BIND`` slices of its cores
+    (``core_binds``), unless that variable is set already.
+    """
+    envs: list[dict[str, str]] = [{} for _ in places]
+    by_node: dict[str, list[int]] = {}
+    for k, (node, _, cpu) in enumerate(places):
+        if cpu and BIND_ENV not in os.environ:
+            by_node.setdefault(node, []).append(k)
+    for node, members in by_node.items():
+        for k, bind in zip(members, core_binds(places[members[0]][1], len(members), ranks)):
+            envs[k][BIND_ENV] = bind
+    return envs
+
+
 class _Replica:
     """One engine in a Ray actor (wrapped by ``ray.remote`` in ``ReplicaPool``)."""
 
     def where(self) -> tuple[str, list[int], bool]:
-        """(node id, usable core ids, whether vLLM runs on CPU here)."""
-        import ray
-        from vllm.platforms import current_platform
-
-        return (ray.get_runtime_context().get_node_id(), sorted(os.sched_getaffinity(0)),
-                current_platform.is_cpu())
+        return where()
 
     def start(self, build: Mapping[str, Any], env: Mapping[str, str]) -> int:
         """Start the engine (``build_llm``'s arguments) under ``env``; its running batch."""
@@ -100,15 +121,7 @@ class ReplicaPool:
         gpus = ranks if ray.cluster_resources().get("GPU", 0) > 0 else 0
         actor = ray.remote(num_cpus=1, num_gpus=gpus)(_Replica)
         self.actors = [actor.remote() for _ in range(replicas)]
-        places = ray.get([a.where.remote() for a in self.actors])
-        envs: list[dict[str, str]] = [{} for _ in self.actors]
-        by_node: dict[str, list[int]] = {}
-        for k, (node, _, cpu) in enumerate(places):
-            if cpu and BIND_ENV not in os.environ:
-                by_node.setdefault(node, []).append(k)
-        for node, members in by_node.items():
-            for k, bind in zip(members, core_binds(places[members[0]][1], len(members), ranks)):
-                envs[k][BIND_ENV] = bind
+        envs = engine_envs(ray.get([a.where.remote() for a in self.actors]), ranks)
         self.max_num_seqs = ray.get([a.start.remote(build, env)
                                      for a, env in zip(self.actors, envs)])
 

@@ -266,8 +266,8 @@ class MaraRows:
         log_pi = s["log_reject"] + torch.where(asked, log_p[:, ACCEPT], 0.0)
         p_ref = s["cand_prob"].gather(1, s["index"].unsqueeze(1)).squeeze(1)
         diff = log_pi - p_ref.clamp_min(1e-30).log()
-        s["log_reject"].copy_(torch.where(fresh | emit, 0.0,
-                                          s["log_reject"] + torch.where(asked, log_p[:, 1 - ACCEPT], 0.0)))
+        log_reject = s["log_reject"] + torch.where(asked, log_p[:, 1 - ACCEPT], 0.0)
+        s["log_reject"].copy_(torch.where(fresh | emit, 0.0, log_reject))
         if rows.numel():
             rows = rows.squeeze(1).to(hidden.device, non_blocking=True)
             self.trace.record(rows, seed=self.params["seed"], key=position * KEY_SPAN + s["index"],

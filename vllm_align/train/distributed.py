@@ -1,7 +1,9 @@
 """Rollout workers on Ray: N actors feed one learner's replay buffer.
 
-Each worker is a Ray actor holding its own ``HFRollout`` (LLM, reward and
-cost models) built from the picklable ``RolloutSpec``. The learner (the
+Each worker is a Ray actor holding its own rollout (``spec.rollout``: a vLLM
+engine serving the LLM, or the HF reference; reward and cost models) built
+from the picklable ``RolloutSpec``; engines sharing a CPU node are bound to
+their own cores, as ``data/replicas.py`` binds its replicas. The learner (the
 calling process, ``MaraTrainer``) keeps every worker busy: it sends a worker a
 batch of prompts together with the newest actor weights (``ray.put`` once per
 weight version, so each version is broadcast once through the object store),
@@ -17,6 +19,7 @@ runs torch with ``threads`` threads (default 1).
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional
 
 import torch
@@ -28,15 +31,21 @@ from vllm_align.train.rollout import RolloutBatch, RolloutSpec
 class RolloutWorker:
     """The body of a Ray rollout actor (also usable in-process, for tests)."""
 
-    def __init__(self, spec: RolloutSpec, worker_id: int, threads: int = 1) -> None:
+    def __init__(self, worker_id: int, threads: int = 1) -> None:
         torch.set_num_threads(threads)
+        self.worker_id = worker_id
+
+    def where(self):
+        from vllm_align.data.replicas import where
+
+        return where()
+
+    def start(self, spec: RolloutSpec, env: dict[str, str]) -> None:
+        """Build the rollout (an engine starts under ``env``, read by its processes)."""
         from vllm_align.train.engine_rollout import open_rollout
 
-        self.worker_id = worker_id
+        os.environ.update(env)
         self.rollout = open_rollout(spec)
-
-    def hidden_size(self) -> int:
-        return self.rollout.hidden_size
 
     def collect(self, prompts: list[Prompt], actor_state: dict, seed: int) -> RolloutBatch:
         batch = self.rollout.collect(prompts, actor_state, seed=seed)
@@ -65,10 +74,17 @@ def run_workers(trainer, prompts: list[Prompt], report: Callable[[dict], None],
     cfg = trainer.cfg
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
-    worker_cls = ray.remote(num_cpus=1)(RolloutWorker)
     spec = RolloutSpec.from_config(cfg)
-    workers = [worker_cls.remote(spec, i, threads or cfg.threads or 1)
+    gpus = 1 if spec.rollout == "engine" and ray.cluster_resources().get("GPU", 0) > 0 else 0
+    worker_cls = ray.remote(num_cpus=1, num_gpus=gpus)(RolloutWorker)
+    workers = [worker_cls.remote(i, threads or cfg.threads or 1)
                for i in range(cfg.sac.num_workers)]
+    envs = [{} for _ in workers]
+    if spec.rollout == "engine":  # engines sharing a CPU node get their own cores
+        from vllm_align.data.replicas import engine_envs
+
+        envs = engine_envs(ray.get([w.where.remote() for w in workers]), ranks=1)
+    ray.get([w.start.remote(spec, env) for w, env in zip(workers, envs)])
     total = cfg.sac.training_episodes
     handed_out = trainer.episodes
     in_flight: dict[Any, int] = {}  # object ref -> worker index

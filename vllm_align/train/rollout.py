@@ -21,22 +21,24 @@ are walked in order:
   transition, ``done = 1`` there (EOS emitted or the response limit reached).
   Rewards before an episode's first decision are not attributable and dropped.
 
-``HFRollout.collect`` runs B episodes in lockstep, one forward of ``[B, 1]``
-tokens per micro-step: each row feeds its current candidate (the next
-candidate after a reject, the first candidate of the next position after an
-emit). The KV cache is an HF ``DynamicCache`` that grows by one column per
+Sampled decisions accept when ``u < a``, ``u = rules.decision_uniform(seed,
+position, index)`` with the episode's seed (``episode_seeds``): a pure function
+of where the decision is made, so every rollout of the same episode, here or
+in the engine (``engine_rollout``), draws the same values. Every rollout
+records its walk as ``WalkRecords``; ``assemble`` turns those into
+transitions, so equal walks give equal transitions.
+
+``HFRollout.collect`` (the reference) runs B episodes in lockstep, one forward
+of ``[B, 1]`` tokens per micro-step: each row feeds its current candidate (the
+next candidate after a reject, the first candidate of the next position after
+an emit). The KV cache is an HF ``DynamicCache`` that grows by one column per
 micro-step; a rejected candidate's column is masked out of the attention mask
 afterwards, so every kept state equals the one computed over prompt + prefix +
 candidate alone (up to float rounding). Finished rows leave the batch.
-
-Any other environment (e.g. one backed by the vLLM engine) plugs in by
-implementing ``Rollout``.
 """
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Protocol, Sequence, Union
 
