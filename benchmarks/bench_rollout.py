@@ -64,7 +64,7 @@ def time_engine(model_path: str, prompts, actor, args) -> tuple[list[float], dic
     rollout.collect(prompts[:2], actor, seed=0)  # warm-up (and compile)
 
     split: dict[str, float] = {}
-    timed = {"set_actor": (rollout, "set_actor"), "generate": (rollout.llm, "generate"),
+    timed = {"set_actor": (rollout, "set_actor"), "decode": (rollout, "_decode"),
              "assemble": (engine_rollout, "assemble"),
              "walk_records": (engine_rollout, "walk_records")}
     originals = {name: getattr(obj, attr) for name, (obj, attr) in timed.items()}

@@ -120,8 +120,8 @@ class EngineRollout:
         # The MARA rule decides the token (one-hot logits): greedy sampling returns it.
         params = [SamplingParams(max_tokens=self.max_response_len, temperature=0.0, seed=s,
                                  detokenize=False, extra_args={"align": align}) for s in seeds]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p.token_ids))
-                                     for p in prompts], params, use_tqdm=False)
+        outputs = self._decode([TokensPrompt(prompt_token_ids=list(p.token_ids))
+                                for p in prompts], params)
         blob = next((r for r in self.llm.collective_rpc("vllm_align_take_records") if r), b"")
         records = load(blob) if blob else {}
         token_lists, chosen_lists, fallbacks = [], [], []
@@ -139,6 +139,26 @@ class EngineRollout:
                          self.terminal, self.kl_coef)
         batch.forwards = int(records["key"].numel()) if records else 0
         return batch
+
+    def _decode(self, inputs, params) -> list:
+        """``LLM.generate`` with every request queued before the first step.
+
+        The engine core steps as soon as a request arrives; under load it could
+        start with part of the rollout, and another batch composition means
+        other floating-point paths (a resumed run would no longer repeat the
+        uninterrupted one). So scheduling is paused (``sleep(level=0)``: requests
+        are accepted, not run) while the rollout is queued.
+        """
+        self.llm.sleep(level=0, mode="keep")
+        try:
+            self.llm.enqueue(inputs, params, use_tqdm=False)
+        finally:
+            self.llm.wake_up(tags=["scheduling"])
+        outputs = self.llm.wait_for_completion(use_tqdm=False)  # in submission order
+        if len(outputs) != len(inputs):
+            raise RuntimeError(f"the rollout engine returned {len(outputs)} of {len(inputs)} "
+                               "episodes")
+        return outputs
 
     def close(self) -> None:
         self.llm = None
