@@ -18,23 +18,25 @@ decodes the 64 held-out prompts every way in ``vllm_align.toy.mara.RUNS``
 Measured (engine seed 0; request seeds 1000 * repeat + prompt index, so every
 run below is exact and a fresh clone reproduces it; each value the mean over
 the 64 prompts of one repeat), polite words per response and the world's rule
-reward (fraction of polite words):
+reward (fraction of polite words). The agent shipped since 2026-12-02 was
+trained with engine rollouts (``--rollout engine``):
 
 =============================  ====================  ===============
 run                            polite words          fraction
 =============================  ====================  ===============
 SFT greedy                     0.27                  0.030
 SFT sampling, 4 repeats        0.33-0.48             0.048 (mean)
-MARA untrained, sampled, 4x    0.25-0.41             0.035 (mean)
-MARA trained, sampled, 4x      1.52-1.66             0.252 (mean)
-MARA trained, greedy           1.94                  0.318
+MARA untrained, sampled, 4x    0.27-0.28             0.033 (mean)
+MARA trained, sampled, 4x      0.92-0.94             0.127 (mean)
+MARA trained, greedy           0.94                  0.127
 MARA untrained, greedy         1.80 (see below)      0.201
 =============================  ====================  ===============
 
 The trained agent's worst repeat beats the plain and untrained baselines'
-best by about 1.0 word per response (0.18 of the fraction); the margins
-asserted are 0.5 word and 0.1, about half the gap: some 32 of the 64
-responses would each have to lose a polite word to break them.
+best by 0.44 word per response (0.070 of the fraction), its greedy decisions
+plain greedy decoding by 0.67 (0.097); the margins asserted are 0.2 word and
+0.035, about half the smallest gap: some 15 of the 64 responses would each
+have to lose a polite word to break them.
 The untrained agent's greedy 1.80 is the fallback rule at work, not
 learning: not asserted.
 
@@ -52,7 +54,7 @@ from vllm_align.toy import world as toy
 from vllm_align.toy.agent import ToySettings, evaluate_agent
 from vllm_align.toy.world import polite_count
 
-MARGIN_WORDS, MARGIN_FRACTION = 0.5, 0.1
+MARGIN_WORDS, MARGIN_FRACTION = 0.2, 0.035
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,9 @@ run                                  s0    s1    s2    s3    min gap
 ===================================  ====  ====  ====  ====  =========
 plain greedy / plain sampling        0.27 / 0.40 (no agent)
 untrained MARA, sampled              0.32  0.32  0.30  0.30
-trained MARA, sampled                0.91  1.26  1.27  1.13  0.50
-trained MARA, greedy                 0.94  1.66  1.67  1.78  0.67
-learning curve, last - first quarter 0.56  0.77  0.70  0.62  0.56
+trained MARA, sampled                0.91  1.26  1.27  1.04  0.50
+trained MARA, greedy                 0.94  1.66  1.67  1.64  0.67
+learning curve, last - first quarter 0.56  0.77  0.70  0.70  0.56
 ===================================  ====  ====  ====  ====  =========
 
 ("min gap": to the best baseline, plain or untrained.) The asserted margins,
