@@ -62,7 +62,8 @@ def main() -> None:
 
 `python benchmarks/train_mara_toy.py`: {wall:.0f} s wall on a shared 2-core CPU (training
 {result.elapsed_s:.0f} s: {result.episodes} episodes, {result.transitions} transitions,
-{result.updates} SAC updates; one torch thread).
+{result.updates} SAC updates; rollouts in a vLLM engine serving the SFT model, the learner on one torch
+thread).
 
 LLM: the toy world's SFT model (`vllm_align/toy/world.py`). Reward R: the number of polite words in
 the response (`vllm_align.toy.world:polite_count`), α_r = 1, no cost. Training prompts: 512 of the
