@@ -82,8 +82,9 @@ class EngineRollout:
     def from_spec(cls, spec: RolloutSpec) -> "EngineRollout":
         from transformers import AutoTokenizer
 
+        terminal = spec.terminal()  # a bad reward source fails before an engine starts
         return cls(rollout_engine(spec), AutoTokenizer.from_pretrained(spec.model),
-                   spec.terminal(), kl_coef=spec.kl_coef, top_k=spec.top_k, top_p=spec.top_p,
+                   terminal, kl_coef=spec.kl_coef, top_k=spec.top_k, top_p=spec.top_p,
                    max_response_len=spec.max_response_len, threshold=spec.threshold)
 
     def set_actor(self, actor_state: Mapping[str, torch.Tensor]) -> None:
