@@ -27,7 +27,7 @@ import torch
 from vllm_align.data.prompts import Prompt
 from vllm_align.mara.agent import MaraAgent, save_agent
 from vllm_align.train.rollout import (DECISION_MODES, HFRollout, RolloutBatch, RolloutSpec,
-                                      WalkRecords, assemble, episode_seeds)
+                                      WalkRecords, assemble, episode_seeds, walk_order)
 from vllm_align.train.terminal import TerminalReward
 
 AGENT = "train"  # the engine's name for the agent being trained
@@ -183,8 +183,7 @@ def walk_records(records: Mapping[str, torch.Tensor], seeds: Sequence[int],
     ours = sorted_seeds[where] == records["seed"]
     episode = by_seed[where]
     # One record per (episode, key): the last.
-    keys = torch.unique(records["key"])
-    flat = episode * (keys.numel() + 1) + torch.searchsorted(keys, records["key"])
+    (flat,) = walk_order((episode, records["key"]))
     _, inverse = torch.unique(flat, return_inverse=True)
     last = torch.full((int(inverse.max()) + 1,), -1, dtype=torch.long).scatter_reduce(
         0, inverse, torch.arange(flat.numel()), reduce="amax")

@@ -401,6 +401,17 @@ def _records(decisions_log: list[tuple], events: list[tuple], d: int) -> WalkRec
                        column(events, 1, long0), column(events, 2, torch.zeros(0)))
 
 
+def walk_order(*pairs: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+    """One int64 per record whose order is (episode, key), for each (episode [N], key [N]) pair.
+
+    Keys are replaced by their rank among all the pairs' keys, so that
+    ``episode · (ranks + 1) + rank`` cannot overflow whatever the keys' range.
+    """
+    ranks = torch.unique(torch.cat([key for _, key in pairs]))  # sorted
+    span = ranks.numel() + 1
+    return [episode * span + torch.searchsorted(ranks, key) for episode, key in pairs]
+
+
 def assemble(prompts: Sequence[Prompt], token_lists: list[list[int]],
              chosen_lists: list[list[int]], fallbacks: list[int], records: WalkRecords,
              tokenizer, terminal: Optional[TerminalReward], kl_coef: float) -> RolloutBatch:
@@ -422,11 +433,7 @@ def assemble(prompts: Sequence[Prompt], token_lists: list[list[int]],
     rec = records
     kl = torch.zeros(n_ep).index_add_(0, rec.ev_episode, rec.ev_diff.float())
 
-    # Walk order: by (episode, key), as one int64 key over the keys' ranks.
-    ranks = torch.unique(torch.cat([rec.dec_key, rec.ev_key]))  # sorted
-    span = ranks.numel() + 1
-    dec_order = rec.dec_episode * span + torch.searchsorted(ranks, rec.dec_key)
-    ev_order = rec.ev_episode * span + torch.searchsorted(ranks, rec.ev_key)
+    dec_order, ev_order = walk_order((rec.dec_episode, rec.dec_key), (rec.ev_episode, rec.ev_key))
     dec_order, order = torch.sort(dec_order)
     dec_ep, state, action = rec.dec_episode[order], rec.state[order], rec.action[order]
     n = dec_ep.numel()
