@@ -8,6 +8,7 @@ broadcast, wrong set, wrong dtype) shows up as a disagreement.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -403,6 +404,32 @@ def test_valid_specs_parse(spec, expected):
     assert params == expected
     assert isinstance(params.lam, float) and isinstance(params.alpha, float)
     assert params.needs_reference == (expected.method in ("dera", "aad"))
+
+
+# Every method with every parameter off its default (and a default-only spec of each).
+ROUND_TRIP = [
+    {"method": "none"},
+    {"method": "dera"},
+    {"method": "dera", "lambda": -2.5},
+    {"method": "aad"},
+    {"method": "aad", "alpha": 0.35, "entropy_threshold": 1.25},
+    {"method": "mara"},
+    {"method": "mara", "agent": "always", "top_k": 3, "top_p": 0.5, "threshold": 0.25,
+     "fallback": "first", "decisions": "sampled"},
+]
+
+
+@pytest.mark.parametrize("spec", ROUND_TRIP)
+def test_canonical_json_round_trips_every_parameter(spec):
+    params = AlignParams.parse(spec)
+    canonical = params.to_json()
+    assert AlignParams.parse(canonical) == params
+    # Every given value is kept, and the defaults are written out.
+    assert canonical.items() >= spec.items()
+    if params.method == "mara":
+        assert set(canonical) == {"method", "agent", "top_k", "top_p", "threshold",
+                                  "fallback", "decisions"}
+    assert AlignParams.parse(json.loads(json.dumps(canonical))) == params
 
 
 def test_resolve_refuses_reference_methods_without_reference():

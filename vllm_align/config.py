@@ -78,6 +78,22 @@ class AlignParams:
     def needs_reference(self) -> bool:
         return self.method in ("dera", "aad")
 
+    def to_json(self) -> dict[str, Any]:
+        """The rule's canonical JSON: the method and every one of its parameters as the
+        engine computes with them (defaults filled in; AAD's ``entropy_threshold`` only
+        when set, since None means "off"). ``AlignParams.parse(p.to_json()) == p``; this
+        is the one form that the data tools send to the engine and record."""
+        if self.method == "dera":
+            return {"method": "dera", "lambda": self.lam}
+        if self.method == "aad":
+            spec: dict[str, Any] = {"method": "aad", "alpha": self.alpha}
+            if self.entropy_threshold is not None:
+                spec["entropy_threshold"] = self.entropy_threshold
+            return spec
+        if self.method == "mara":
+            return {"method": "mara", **self.mara.to_json()}
+        return {"method": self.method}
+
     @classmethod
     def parse(cls, spec: Any) -> "AlignParams":
         """Parse a request's ``alignment`` object (JSON string or mapping)."""

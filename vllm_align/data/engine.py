@@ -26,5 +26,7 @@ def build_llm(model: str, reference_model: str | None, *, dtype: str = "auto", s
     if max_model_len is not None:
         kwargs["max_model_len"] = max_model_len
     if reference_model:
-        kwargs["additional_config"] = {"align": {"reference_model": reference_model}}
+        config = dict(kwargs.get("additional_config") or {})
+        config["align"] = {**(config.get("align") or {}), "reference_model": reference_model}
+        kwargs["additional_config"] = config
     return LLM(model=model, **kwargs)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from vllm_align.config import (EXTRA_ARGS_KEY, AlignConfigError, AlignParams,
-                               finite_number, json_object)
+                               EngineAlignConfig, finite_number, json_object)
 from vllm_align.data.prompts import DataError, PromptItem, read_prompts, render_prompt
 from vllm_align.fields import option
 
@@ -58,57 +58,56 @@ class PairsError(DataError):
 
 @dataclass(frozen=True)
 class SideSpec:
-    """How one side of a pair is decoded: an alignment rule plus sampling."""
+    """How one side of a pair is decoded: an alignment rule plus vLLM's sampling.
+
+    A MARA side has no sampling of its own: MARA picks the emitted token itself
+    (its ``top_p`` is the candidate nucleus), so it runs at temperature 0, top-p 1.
+    """
 
     align: AlignParams
-    temperature: float
-    top_p: float
-
-    def align_json(self) -> dict[str, Any]:
-        """The canonical alignment spec (what the engine gets, and what is recorded)."""
-        a = self.align
-        if a.method == "dera":
-            return {"method": "dera", "lambda": a.lam}
-        if a.method == "aad":
-            spec: dict[str, Any] = {"method": "aad", "alpha": a.alpha}
-            if a.entropy_threshold is not None:
-                spec["entropy_threshold"] = a.entropy_threshold
-            return spec
-        return {"method": a.method}
+    temperature: float = 0.0
+    top_p: float = 1.0
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.align_json(), "temperature": self.temperature, "top_p": self.top_p}
+        """What is recorded as ``chosen_spec`` / ``rejected_spec``; ``parse_side`` of it
+        gives this side back."""
+        spec = self.align.to_json()
+        if self.align.method != "mara":
+            spec.update(temperature=self.temperature, top_p=self.top_p)
+        return spec
 
     def sampling_params(self, max_tokens: int, seed: int):
         from vllm import SamplingParams
 
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
                               top_p=self.top_p, seed=seed,
-                              extra_args={EXTRA_ARGS_KEY: self.align_json()})
+                              extra_args={EXTRA_ARGS_KEY: self.align.to_json()})
 
 
 def parse_side(spec: Any, *, side: str, defaults: Mapping[str, float]) -> SideSpec:
     """Parse ``--chosen``/``--rejected``: an alignment spec, optionally with
-    ``temperature`` and ``top_p`` (else the side's defaults)."""
+    ``temperature`` and ``top_p`` (else the side's defaults); for MARA, ``top_p`` is
+    MARA's own and ``temperature`` is refused (it would change nothing)."""
     try:
         spec = json_object(spec, f"--{side}")
     except AlignConfigError as e:
         raise PairsError(str(e)) from None
-    sampling = dict(defaults)
-    for key in _SAMPLING_KEYS:
-        if key in spec:
-            try:
-                sampling[key] = finite_number(spec[key], key)
-            except AlignConfigError as e:
-                raise PairsError(f"--{side}: {e}") from None
+    try:
+        if spec.get("method") == "mara":
+            if "temperature" in spec:
+                raise AlignConfigError(
+                    "'temperature' has no effect on a MARA side: the agent picks the emitted "
+                    "token itself ('decisions': 'sampled' samples its decisions)")
+            return SideSpec(AlignParams.parse(spec))
+        sampling = {key: finite_number(spec[key], key) if key in spec else defaults[key]
+                    for key in _SAMPLING_KEYS}
+        align = AlignParams.parse({k: v for k, v in spec.items() if k not in _SAMPLING_KEYS})
+    except AlignConfigError as e:
+        raise PairsError(f"--{side}: {e}") from None
     if sampling["temperature"] < 0:
         raise PairsError(f"--{side} 'temperature' must be >= 0, got {sampling['temperature']!r}")
     if not 0.0 < sampling["top_p"] <= 1.0:
         raise PairsError(f"--{side} 'top_p' must be in (0, 1], got {sampling['top_p']!r}")
-    try:
-        align = AlignParams.parse({k: v for k, v in spec.items() if k not in _SAMPLING_KEYS})
-    except AlignConfigError as e:
-        raise PairsError(f"--{side}: {e}") from None
     return SideSpec(align, temperature=sampling["temperature"], top_p=sampling["top_p"])
 
 
@@ -297,7 +296,8 @@ class PairsOptions:
     output: str = option(help="TRL DPO-format pairs; an existing file is resumed",
                          metavar="OUT.jsonl")
     chosen: Any = option(json.dumps(DEFAULT_CHOSEN), "alignment spec of the chosen side, "
-                         "optionally with 'temperature' and 'top_p' (AAD alpha 0.1, greedy)",
+                         "optionally with 'temperature' and 'top_p' (AAD alpha 0.1, greedy); "
+                         "a MARA side takes MARA's parameters only",
                          metavar="JSON", parse=str)
     rejected: Any = option(json.dumps(DEFAULT_REJECTED), "alignment spec of the rejected side, "
                            "optionally with 'temperature' and 'top_p' (the aligned model, "
@@ -312,6 +312,18 @@ class PairsOptions:
             raise PairsError(f"--max-tokens must be >= 1, got {self.max_tokens}")
         if self.batch_size < 1:
             raise PairsError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+
+def _engine_agents(engine_args, llm, llm_kwargs) -> dict[str, str]:
+    """The MARA agents ({name: path}) of the engine that will decode: the command line's
+    (``engine_args``), the caller's ``llm``'s, or ``build_llm``'s (``llm_kwargs``)."""
+    if engine_args is not None:
+        config = engine_args.additional_config
+    elif llm is not None:
+        config = llm.llm_engine.vllm_config.additional_config
+    else:
+        config = (llm_kwargs or {}).get("additional_config")
+    return dict(EngineAlignConfig.parse(config).mara_agents)
 
 
 def generate_pairs(*, model: str, reference_model: str | None, seed: int = 0,
@@ -339,13 +351,19 @@ def generate_pairs(*, model: str, reference_model: str | None, seed: int = 0,
         raise PairsError("engines start their own engines; pass llm or engines, not both")
     chosen_spec = parse_side(opts.chosen, side="chosen", defaults=CHOSEN_SAMPLING)
     rejected_spec = parse_side(opts.rejected, side="rejected", defaults=REJECTED_SAMPLING)
+    agents = _engine_agents(engine_args, llm, llm_kwargs)
+    engine = EngineAlignConfig(reference_model=reference_model or None, mara_agents=agents)
     for side, spec in (("chosen", chosen_spec), ("rejected", rejected_spec)):
-        if spec.align.needs_reference and not reference_model:
-            raise PairsError(f"--{side} method {spec.align.method!r} needs --reference-model")
+        try:    # the engine's own check, before it starts
+            engine.check_servable(spec.align, what="this side")
+        except AlignConfigError as e:
+            raise PairsError(f"--{side}: {e}") from None
 
     items = read_prompts(prompts)
     meta = {"chosen_spec": chosen_spec.to_json(), "rejected_spec": rejected_spec.to_json(),
             "max_tokens": max_tokens, "model": model, "reference_model": reference_model}
+    if "mara" in (chosen_spec.align.method, rejected_spec.align.method):
+        meta["mara_agents"] = dict(agents)   # an agent's name alone does not say what it was
     seeds = {it.id: seed + it.index for it in items}
     done = load_done(output)
     _check_compatible(done, meta, seeds, output)

@@ -52,10 +52,10 @@ class GridPoint:
     parameter: float    # lambda for dera, alpha for aad
 
     @property
-    def spec(self) -> dict[str, Any]:
-        """The request's ``extra_args["align"]``."""
+    def params(self) -> AlignParams:
+        """The rule, parsed (and checked) as the engine parses it."""
         key = "lambda" if self.method == "dera" else "alpha"
-        return {"method": self.method, key: self.parameter}
+        return AlignParams.parse({"method": self.method, key: self.parameter})
 
     @property
     def label(self) -> str:
@@ -127,7 +127,7 @@ class SweepConfig:
                             "(e.g. 0.05,0.1,0.2)")
         for point in self.grid:     # the engine's own parameter checks, before it starts
             try:
-                AlignParams.parse(point.spec)
+                point.params
             except AlignConfigError as e:
                 flag = "--lambdas" if point.method == "dera" else "--alphas"
                 raise DataError(f"{flag}: {e}") from None
@@ -275,13 +275,14 @@ def generate_grid(llm, cfg: SweepConfig, items: Sequence[PromptItem]) -> Generat
     rendered = [render_prompt(llm.get_tokenizer(), it) for it in items]
     inputs, params = [], []
     for point in cfg.grid:
+        spec = point.params.to_json()
         for it, (_, inp) in zip(items, rendered):
             inputs.append(inp)
             params.append(SamplingParams(
                 max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                 # A per-request seed only matters when sampling.
                 seed=cfg.seed + it.index if cfg.temperature > 0 else None,
-                extra_args={EXTRA_ARGS_KEY: point.spec}))
+                extra_args={EXTRA_ARGS_KEY: spec}))
     t0 = time.perf_counter()
     outputs = llm.generate(inputs, params, use_tqdm=cfg.progress)
     seconds = time.perf_counter() - t0

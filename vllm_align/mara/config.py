@@ -74,6 +74,10 @@ class MaraParams:
     def sampled(self) -> bool:
         return self.decisions == "sampled"
 
+    def to_json(self) -> dict[str, Any]:
+        """Every MARA key with its value (``MaraParams.parse(p.to_json()) == p``)."""
+        return {key: getattr(self, key) for key in MARA_KEYS}
+
     @classmethod
     def parse(cls, spec: Mapping[str, Any]) -> "MaraParams":
         """Parse the MARA keys of an ``alignment`` object.
