@@ -89,7 +89,7 @@ def test_records_hold_the_specs_the_engine_used(greedy_sides, walk_vs_greedy, se
         assert r["mara_agents"] == paths
     for r in walk_vs_greedy:
         assert r["chosen_spec"] == {"method": "mara", **MARA_DEFAULTS}
-        assert r["rejected_spec"] == {"method": "none", "temperature": 0.0, "top_p": 1.0}
+        assert r["rejected_spec"] == {"method": "none", "temperature": 0.0, "top_p": 0.9}
 
 
 def test_rerun_resumes_and_old_mara_records_are_refused(greedy_sides, setup, tmp_path,
