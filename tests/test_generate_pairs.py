@@ -188,15 +188,3 @@ def test_sigkill_mid_run_then_resume_gives_one_record_per_prompt(run, tmp_path):
     # The same records as the uninterrupted run (other batches, same per-prompt seeds).
     by_id = {r["id"]: r for r in recs}
     assert [by_id[i] for i in _ids()] == _records(baseline)
-
-
-def test_two_replicas_resume_to_the_one_engine_records(run, tmp_path):
-    """--replicas 2 (Ray actors on a local cluster, one core each) resumes a partial
-    output with a torn last line and ends with exactly the one-engine run's records."""
-    pair, prompts, baseline = run
-    lines = baseline.read_bytes().splitlines(keepends=True)
-    out = tmp_path / "replicas.jsonl"
-    out.write_bytes(b"".join(lines[:5]) + lines[5][:30])
-    argv = _argv(pair, prompts, out, batch_size=4) + ["--replicas", "2", "--max-num-seqs", "4"]
-    assert main(argv) == 0
-    assert out.read_bytes() == baseline.read_bytes()

@@ -206,14 +206,3 @@ def test_sampled_sweep_with_long_prompts(sampled):
             statistics.mean(len(t) for t in texts[name]), rel=1e-12)
     # Two different models sampled with the same seeds: different text.
     assert texts["dera_lambda=0.jsonl"] != texts["dera_lambda=1.jsonl"]
-
-
-def test_two_replicas_give_the_one_engine_sweep(sampled, tmp_path):
-    """--replicas 2 (Ray actors on a local cluster, one core each, a prompt shard each):
-    the same CSV and response files as one engine, byte for byte (per-prompt seeds)."""
-    argv, one = sampled
-    out = tmp_path / "replicas"
-    assert main(argv(out) + ["--replicas", "2", "--max-num-seqs", "8"]) == 0
-    assert (out / "s.csv").read_bytes() == (one / "s.csv").read_bytes()
-    for name in ("dera_lambda=0.jsonl", "dera_lambda=1.jsonl"):
-        assert (out / "resp" / name).read_bytes() == (one / "resp" / name).read_bytes()
