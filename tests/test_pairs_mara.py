@@ -71,8 +71,27 @@ def walk_vs_greedy(setup, tmp_path_factory):
     return _records(out)
 
 
-def test_named_agent_and_top_k_1_decode_greedily(greedy_sides, walk_vs_greedy, setup):
+@pytest.fixture(scope="module")
+def hf_greedy(tiny_pair):
+    """Greedy decoding of every prompt by a plain HF decoder of the aligned model, as text."""
+    from transformers import AutoTokenizer
+
+    import hf_reference
+
+    tok = AutoTokenizer.from_pretrained(tiny_pair[0])
+    model = hf_reference.load_pair(*tiny_pair)[0]
+    texts = []
+    for i in range(N_PROMPTS):
+        ids = hf_reference.generate(model, None, tok(f"the small house number {i} was").input_ids,
+                                    {"method": "none"}, MAX_TOKENS)
+        # vLLM's incremental detokenizer holds back a trailing incomplete UTF-8 sequence.
+        texts.append(tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd"))
+    return texts
+
+
+def test_named_agent_and_top_k_1_decode_greedily(greedy_sides, walk_vs_greedy, hf_greedy):
     greedy = [r["rejected"] for r in walk_vs_greedy]
+    assert greedy == hf_greedy
     recs = _records(greedy_sides)
     assert len(recs) == N_PROMPTS
     assert [r["chosen"] for r in recs] == greedy       # agent "always": every first candidate
