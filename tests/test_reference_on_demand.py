@@ -141,9 +141,15 @@ def test_preemption_n_and_prompt_logprobs_in_a_mixed_batch(llm, hf_pair, agent):
              {"method": "aad", "alpha": 0.1}, {"method": "mara"}]
     prompts = [_ids(rng, 60) for _ in specs]
     before = _preemptions(llm)
-    outputs = _generate(llm, prompts, [_params(s, 70) for s in specs])
+    asks = [s["method"] != "mara" for s in specs]  # prompt logprobs of the rule, preempted too
+    outputs = _generate(llm, prompts, [_params(s, 70, **({"prompt_logprobs": 2} if a else {}))
+                                       for s, a in zip(specs, asks)])
     assert _preemptions(llm) > before, "4 x 130 tokens should not fit in 12 x 32 slots"
     _check(hf_pair, agent, prompts, specs, outputs, [70] * 4)
+    for prompt, spec, out, a in zip(prompts, specs, outputs, asks):
+        if a:
+            hf_reference.check_prompt_logprobs(hf_reference.prompt_log_probs(
+                *hf_pair, prompt, spec), _prompt_logprobs(out))
 
     specs = [{"method": "dera", "lambda": 0.0}, {"method": "none"}, {"method": "aad", "alpha": 0.2}]
     prompts = [_ids(rng, n) for n in (15, 40, 9)]
@@ -154,6 +160,9 @@ def test_preemption_n_and_prompt_logprobs_in_a_mixed_batch(llm, hf_pair, agent):
     assert len(outputs[0].outputs) == 2
     assert len(outputs[1].prompt_logprobs) == len(prompts[1])
     _check(hf_pair, agent, prompts, specs, outputs, [8] * 3)
+    for i in (1, 2):
+        hf_reference.check_prompt_logprobs(hf_reference.prompt_log_probs(
+            *hf_pair, prompts[i], specs[i]), _prompt_logprobs(outputs[i]))
 
 
 def _prompt_logprobs(output) -> list:
@@ -185,8 +194,15 @@ def test_prompt_logprobs_follow_each_rows_rule(llm, hf_pair, agent):
     params = [_params(s, 3, prompt_logprobs=5) for s in specs]
     params[1] = _params(specs[1], 3, prompt_logprobs=5, n=2, temperature=1.0, top_k=1)
     others = [({"method": "mara"}, _ids(rng, 50)), ({"method": "dera", "lambda": 0.5}, _ids(rng, 30))]
+    scored = lambda: llm.collective_rpc(
+        lambda w: w.model_runner.get_model().reference_prompt_positions)[0]
+    before = scored()
     outputs = _generate(llm, prompts + [p for _, p in others],
                         params + [_params(s, 3) for s, _ in others])
+    # The reference's LM head scored the prompt positions of DeRa/AAD rows asking for prompt
+    # logprobs (n = 2: each sequence asks), and nothing else.
+    assert scored() - before == sum((len(p) - 1) * sp.n for p, s, sp in zip(prompts, specs, params)
+                                    if s["method"] != "none")
     _check(hf_pair, agent, prompts + [p for _, p in others], specs + [s for s, _ in others],
            outputs, [3] * len(outputs))
     returned = [_prompt_logprobs(o) for o in outputs[:len(specs)]]

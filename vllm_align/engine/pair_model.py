@@ -90,8 +90,10 @@ class AlignedPairForCausalLM(nn.Module):
         # The engine's AlignBatchState, bound by the runner before each step
         # (patches/model_runner.py); None in warm-up and profile runs before it.
         self.align_state = None
-        # Tokens the reference model has been run over (warm-up included).
+        # Tokens the reference model has been run over (warm-up included), and prompt
+        # positions its LM head scored for prompt logprobs.
         self.reference_tokens = 0
+        self.reference_prompt_positions = 0
         self.make_empty_intermediate_tensors = getattr(
             self.aligned, "make_empty_intermediate_tensors", None)
 
@@ -157,6 +159,7 @@ class AlignedPairForCausalLM(nn.Module):
         # The row's reference hidden states were computed in this step's forward
         # (it reads the reference); every tensor-parallel rank decides alike.
         ref_logits = self.reference.compute_logits(h_ref[0])
+        self.reference_prompt_positions += ref_logits.shape[0] if ref_logits is not None else 0
         if logits is None:
             return None
         return state.apply_row_rule(logits, ref_logits, part.row)
