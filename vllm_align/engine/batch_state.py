@@ -11,7 +11,8 @@ which reads the tensors kept here. This class only:
 * mirrors the persistent batch: rows are written when requests join, moved
   when vLLM condenses or reorders the batch, all from ``BatchUpdate`` diffs,
 * flags the next ``compute_logits`` call of a step as the sampling call (the
-  prompt-logprobs call that may follow must not be mixed per request),
+  prompt-logprobs calls that may follow are one request's positions each, and
+  get that request's rule through ``PromptSlice``),
 * keeps the rows that read the reference model (DeRa, AAD), so that a step
   runs the reference for those rows only (``reference_rows.py``),
 * gives prompt logprobs the rule of the row they belong to (``PromptHidden``,
