@@ -18,7 +18,8 @@ venv: $(STAMP) lmeval-venv
 
 # lm-evaluation-harness in a venv of its own, as a user would install it next to a server
 # (tests/test_lm_eval.py drives `vllm serve --sampler align` with its CLI). Best effort: if
-# the install fails, that test says why and skips.
+# the install fails (no route to PyPI), that test says why and skips; `rm -rf .venv-lmeval`
+# and `make venv` retry it.
 LMEVAL_VENV  := .venv-lmeval
 LMEVAL_STAMP := $(LMEVAL_VENV)/.installed
 LMEVAL_PKG   ?= lm_eval[api]==0.4.13
@@ -28,8 +29,9 @@ lmeval-venv: $(LMEVAL_STAMP)
 $(LMEVAL_STAMP): Makefile
 	test -x $(LMEVAL_VENV)/bin/python || $(PYTHON) -m venv $(LMEVAL_VENV)
 	$(LMEVAL_VENV)/bin/python -m pip install --upgrade pip
-	$(LMEVAL_VENV)/bin/python -m pip install '$(LMEVAL_PKG)' transformers && touch $@ \
-		|| echo "lm-eval install failed; tests/test_lm_eval.py will skip"
+	$(LMEVAL_VENV)/bin/python -m pip install '$(LMEVAL_PKG)' transformers \
+		|| { rm -f $(LMEVAL_VENV)/bin/lm_eval; echo "lm-eval install failed; tests/test_lm_eval.py will skip"; }
+	touch $@
 
 $(STAMP): pyproject.toml Makefile $(SHIM)/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -68,8 +68,9 @@ metric_list:
 def _lm_eval_ready() -> str | None:
     """Why lm-eval cannot run (None: it can)."""
     if not LM_EVAL.exists():
-        return (f"lm-evaluation-harness is not installed at {LM_EVAL.parent.parent} "
-                "(`make venv` builds it; its install failed or was not run)")
+        return (f"lm-evaluation-harness is not installed at {LM_EVAL.parent.parent}: `make "
+                "venv` builds it there, and its install failed (no route to PyPI?) or was not "
+                "run; `rm -rf .venv-lmeval && make venv` retries")
     return None
 
 
