@@ -76,6 +76,9 @@ def _lm_eval_ready() -> str | None:
 
 @pytest.fixture(scope="module")
 def dera_server(tiny_pair, tmp_path_factory):
+    reason = _lm_eval_ready()
+    if reason:  # before starting a server for nothing
+        pytest.skip(reason)
     aligned, reference = tiny_pair
     tmp = tmp_path_factory.mktemp("lm-eval-server")
     proc, url = start([aligned, "--sampler", "align", "--reference-model", reference,
@@ -117,9 +120,6 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
 
 
 def test_lm_eval_scores_and_generates_under_the_engine_default(dera_server, tiny_pair, tmp_path):
-    reason = _lm_eval_ready()
-    if reason:
-        pytest.skip(reason)
     from transformers import AutoTokenizer
 
     url, model = dera_server
