@@ -12,9 +12,26 @@ SHIM   := tools/vllm-cpu-shim
 VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_CPU_KVCACHE_SPACE
 
-.PHONY: venv test demo bench toy-assets clean
+.PHONY: venv lmeval-venv test demo bench toy-assets clean
 
-venv: $(STAMP)
+venv: $(STAMP) lmeval-venv
+
+# lm-evaluation-harness in a venv of its own, as a user would install it next to a server
+# (tests/test_lm_eval.py drives `vllm serve --sampler align` with its CLI). Best effort: if
+# the install fails (no route to PyPI), that test says why and skips; `rm -rf .venv-lmeval`
+# and `make venv` retry it.
+LMEVAL_VENV  := .venv-lmeval
+LMEVAL_STAMP := $(LMEVAL_VENV)/.installed
+LMEVAL_PKG   ?= lm_eval[api]==0.4.13
+
+lmeval-venv: $(LMEVAL_STAMP)
+
+$(LMEVAL_STAMP): Makefile
+	test -x $(LMEVAL_VENV)/bin/python || $(PYTHON) -m venv $(LMEVAL_VENV)
+	$(LMEVAL_VENV)/bin/python -m pip install --upgrade pip
+	$(LMEVAL_VENV)/bin/python -m pip install '$(LMEVAL_PKG)' transformers \
+		|| { rm -f $(LMEVAL_VENV)/bin/lm_eval; echo "lm-eval install failed; tests/test_lm_eval.py will skip"; }
+	touch $@
 
 $(STAMP): pyproject.toml Makefile $(SHIM)/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,5 +60,5 @@ toy-assets: venv
 	$(PY) -m vllm_align.cli.main toy-assets $(TOY_ASSETS_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache $(SHIM)/build $(SHIM)/*.egg-info
+	rm -rf $(VENV) $(LMEVAL_VENV) build *.egg-info .pytest_cache $(SHIM)/build $(SHIM)/*.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -15,7 +15,8 @@ def apply_patches() -> None:
         return
     from vllm_align.patches import (attention_metadata, engine_args, input_processor,
                                     model_runner, openai_request, output_processor,
-                                    scheduler, serve_command, vllm_config)
+                                    prompt_logprobs, scheduler, serve_command,
+                                    vllm_config)
 
     for patch in (vllm_config.VllmConfigPatch,  # the runner choice, read by all below
                   engine_args.EngineArgsPatch,
@@ -26,6 +27,7 @@ def apply_patches() -> None:
                   scheduler.SchedulerPatch,
                   model_runner.ModelRunnerPatch,
                   attention_metadata.AttentionMetadataPatch,  # reads the step mark set above
+                  prompt_logprobs.PromptLogprobsPatch,
                   output_processor.OutputProcessorPatch):
         patch.apply()
     _applied = True

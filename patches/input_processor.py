@@ -11,7 +11,11 @@ served, a ``ValueError`` offline, and only that request is refused.
 ``process_inputs`` is wrapped too: on an engine with a reference model, a
 request's cache salt says whether its rule reads the reference, so that its
 prefix-cache blocks are never shared with a request of the other kind
-(``vllm_align/engine/reference_rows.py``). Written for vLLM 0.32.
+(``vllm_align/engine/reference_rows.py``); and a request asking for prompt
+logprobs never reads the prefix cache (vLLM's default for such requests, kept
+even when the request turns it off: a cached prefix has no hidden states to
+score, and vLLM would return uninitialised values for its positions).
+Written for vLLM 0.32.
 """
 
 from __future__ import annotations
@@ -32,14 +36,24 @@ def check_mara_sampling(params, mara) -> None:
     """Refuse sampling parameters that MARA's walk cannot honour.
 
     A MARA sequence emits the candidate its agent accepts; vLLM's sampler is
-    only told which token that is. Parameters that would change or describe
-    the sampled distribution (returned logprobs, structured output, logit
-    bias, allowed/bad words, penalties, min_tokens) are refused rather than
-    silently ignored; temperature, top_k, top_p and min_p have no effect
-    (MARA's own ``top_k``/``top_p`` and ``decisions`` decide).
+    only told which token that is. MARA's rule is a walk over candidates, not
+    a distribution, so there are no logprobs to return, sampled or prompt.
+    Parameters that would change or describe the sampled distribution
+    (logprobs, prompt logprobs, structured output, logit bias, allowed/bad
+    words, penalties, min_tokens) are refused rather than silently ignored;
+    temperature, top_k, top_p and min_p have no effect (MARA's own
+    ``top_k``/``top_p`` and ``decisions`` decide).
     """
+    describe = [name for name, on in (
+        ("logprobs", params.logprobs is not None or params.logprob_token_ids is not None),
+        ("prompt_logprobs", params.prompt_logprobs is not None),
+    ) if on]
+    if describe:
+        raise AlignConfigError(
+            f"alignment method 'mara' does not support {', '.join(describe)}: its rule is a "
+            "walk (an agent accepts or rejects candidates one by one), not a distribution, so "
+            "there are no logprobs to return; use 'none', 'dera' or 'aad' to score tokens")
     bad = [name for name, on in (
-        ("logprobs", params.logprobs is not None),
         ("structured output", params.structured_outputs is not None),
         ("logit_bias", bool(params.logit_bias)),
         ("allowed_token_ids", bool(params.allowed_token_ids)),
@@ -68,6 +82,8 @@ class InputProcessorPatch(VllmPatch):
         if engine.reference_model is not None and request.sampling_params is not None:
             rule = engine.resolve(request.sampling_params.extra_args)  # validated already
             request.cache_salt = kv_cache_salt(request.cache_salt, rule.needs_reference)
+            if request.sampling_params.prompt_logprobs is not None:
+                request.sampling_params.skip_reading_prefix_cache = True
         return request
 
     def _build_logits_processors_params_validator(self):

@@ -175,3 +175,83 @@ def generate(aligned_model, reference_model, prompt_ids: Sequence[int],
         if step.token in stop:
             break
     return (generated, steps) if return_steps else generated
+
+
+@torch.no_grad()
+def all_logits(model, token_ids: Sequence[int]) -> torch.Tensor:
+    """Logits ``[L, V]`` (float32) after each prefix ``token_ids[:i + 1]``; one plain forward."""
+    input_ids = torch.tensor([list(token_ids)], dtype=torch.long)
+    out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                use_cache=False)
+    return out.logits[0].float()
+
+
+def rule_log_probs(aligned_logits: torch.Tensor, reference_logits: torch.Tensor,
+                   spec: Mapping[str, Any]) -> torch.Tensor:
+    """The log-distribution each rule decodes from, as the papers write it (float64).
+
+    Args:
+        aligned_logits, reference_logits: ``[L, V]`` logits of the two models.
+        spec: as in ``choose_token``.
+    Returns:
+        ``[L, V]`` float64 log-probabilities:
+
+        * ``none``: ``log_softmax(h_a)``;
+        * ``dera``: ``log_softmax(lam * h_a + (1 - lam) * h_r)``;
+        * ``aad``: ``log softmax(A)`` over ``V_alpha``, ``A = log p_dpo - log p_sft``
+          (``log p_dpo`` where the entropy threshold says so); ``-inf`` outside ``V_alpha``.
+    """
+    h_a = aligned_logits.double()
+    h_r = reference_logits.double()
+    method = spec.get("method", "none")
+    if method == "none":
+        return torch.log_softmax(h_a, dim=-1)
+    if method == "dera":
+        lam = float(spec.get("lambda", 1.0))
+        return torch.log_softmax(lam * h_a + (1.0 - lam) * h_r, dim=-1)
+    if method == "aad":
+        alpha = float(spec.get("alpha", 0.1))
+        tau = spec.get("entropy_threshold")
+        p_dpo = torch.softmax(h_a, dim=-1)
+        log_p_dpo = torch.log_softmax(h_a, dim=-1)
+        log_p_sft = torch.log_softmax(h_r, dim=-1)
+        v_alpha = p_dpo >= alpha * p_dpo.max(dim=-1, keepdim=True).values
+        entropy = -(log_p_sft.exp() * log_p_sft).masked_fill(~v_alpha, 0.0).sum(-1)
+        scores = log_p_dpo - log_p_sft
+        if tau is not None:
+            scores = torch.where((entropy <= float(tau)).unsqueeze(1), log_p_dpo, scores)
+        return torch.log_softmax(scores.masked_fill(~v_alpha, -math.inf), dim=-1)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def prompt_log_probs(aligned_model, reference_model, prompt_ids: Sequence[int],
+                     spec: Mapping[str, Any]) -> torch.Tensor:
+    """``[L - 1, V]`` float64: row i - 1 is the rule's log-distribution of prompt token i
+    given ``prompt_ids[:i]`` (what an engine's prompt logprobs must give at position i)."""
+    h_a = all_logits(aligned_model, prompt_ids)[:-1]
+    h_r = all_logits(reference_model, prompt_ids)[:-1] if reference_model is not None else h_a
+    return rule_log_probs(h_a, h_r, spec)
+
+
+def check_prompt_logprobs(expected: torch.Tensor, returned, tol: float = 1e-4) -> int:
+    """Compare an engine's prompt logprobs with ``prompt_log_probs``; returns entries checked.
+
+    Args:
+        expected: ``[L - 1, V]`` from ``prompt_log_probs``.
+        returned: ``L`` entries, the first None, then ``{token_id: logprob}`` per position.
+        tol: allowed ``|difference|`` where the rule gives the token a finite logprob;
+            where it gives ``-inf`` (AAD outside ``V_alpha``) the engine must give at most
+            ``-1000`` (it documents about ``-1e4``: probability 0 in float32).
+    """
+    assert len(returned) == expected.shape[0] + 1 and returned[0] is None
+    checked = 0
+    for i, entry in enumerate(returned[1:]):
+        assert entry, f"position {i + 1}: no logprobs"
+        for token, value in entry.items():
+            want = float(expected[i, token])
+            if math.isinf(want):
+                assert value <= -1000.0, (i + 1, token, value)
+            else:
+                assert abs(value - want) < tol, (i + 1, token, value, want)
+            checked += 1
+    return checked

@@ -155,16 +155,21 @@ def test_sampling_parameters_apply_to_the_aligned_distribution(pair_llm):
     assert text in ("cat", "dog")
 
 
-def test_prompt_logprobs_do_not_disturb_mixing(pair_llm, hf_pair):
+def test_prompt_logprobs_follow_the_rule_and_do_not_disturb_mixing(pair_llm, hf_pair):
+    """On the compiled engine: the rule's prompt logprobs (DeRa, AAD), and the same tokens."""
     rng = random.Random(4)
     prompt = _random_ids(rng, 20)
-    spec = {"method": "dera", "lambda": 0.0}
-    out = _generate(pair_llm, [prompt], SamplingParams(
-        max_tokens=6, temperature=0, ignore_eos=True, prompt_logprobs=1,
-        extra_args={"align": spec}))[0]
-    assert len(out.prompt_logprobs) == len(prompt)
-    assert list(out.outputs[0].token_ids) == hf_reference.generate(
-        *hf_pair, prompt, spec, 6, ignore_eos=True)
+    specs = [{"method": "dera", "lambda": 0.0}, {"method": "aad", "alpha": 0.1}]
+    outs = _generate(pair_llm, [prompt] * 2, [SamplingParams(
+        max_tokens=6, temperature=0, ignore_eos=True, prompt_logprobs=3,
+        extra_args={"align": spec}) for spec in specs])
+    for spec, out in zip(specs, outs):
+        returned = [None if p is None else {t: lp.logprob for t, lp in p.items()}
+                    for p in out.prompt_logprobs]
+        assert hf_reference.check_prompt_logprobs(
+            hf_reference.prompt_log_probs(*hf_pair, prompt, spec), returned) >= len(prompt) - 1
+        assert list(out.outputs[0].token_ids) == hf_reference.generate(
+            *hf_pair, prompt, spec, 6, ignore_eos=True)
 
 
 BAD_SPECS = [

@@ -141,9 +141,15 @@ def test_preemption_n_and_prompt_logprobs_in_a_mixed_batch(llm, hf_pair, agent):
              {"method": "aad", "alpha": 0.1}, {"method": "mara"}]
     prompts = [_ids(rng, 60) for _ in specs]
     before = _preemptions(llm)
-    outputs = _generate(llm, prompts, [_params(s, 70) for s in specs])
+    asks = [s["method"] != "mara" for s in specs]  # prompt logprobs of the rule, preempted too
+    outputs = _generate(llm, prompts, [_params(s, 70, **({"prompt_logprobs": 2} if a else {}))
+                                       for s, a in zip(specs, asks)])
     assert _preemptions(llm) > before, "4 x 130 tokens should not fit in 12 x 32 slots"
     _check(hf_pair, agent, prompts, specs, outputs, [70] * 4)
+    for prompt, spec, out, a in zip(prompts, specs, outputs, asks):
+        if a:
+            hf_reference.check_prompt_logprobs(hf_reference.prompt_log_probs(
+                *hf_pair, prompt, spec), _prompt_logprobs(out))
 
     specs = [{"method": "dera", "lambda": 0.0}, {"method": "none"}, {"method": "aad", "alpha": 0.2}]
     prompts = [_ids(rng, n) for n in (15, 40, 9)]
@@ -154,3 +160,82 @@ def test_preemption_n_and_prompt_logprobs_in_a_mixed_batch(llm, hf_pair, agent):
     assert len(outputs[0].outputs) == 2
     assert len(outputs[1].prompt_logprobs) == len(prompts[1])
     _check(hf_pair, agent, prompts, specs, outputs, [8] * 3)
+    for i in (1, 2):
+        hf_reference.check_prompt_logprobs(hf_reference.prompt_log_probs(
+            *hf_pair, prompts[i], specs[i]), _prompt_logprobs(outputs[i]))
+
+
+def _prompt_logprobs(output) -> list:
+    """An output's prompt logprobs as ``[None, {token_id: logprob}, ...]``."""
+    return [None if p is None else {t: lp.logprob for t, lp in p.items()}
+            for p in output.prompt_logprobs]
+
+
+PROMPT_RULES = [  # (spec, prompt length): long prompts are prefilled in chunks of <= 64
+    ({"method": "dera", "lambda": 0.0}, 70),
+    ({"method": "dera", "lambda": 0.5}, 20),
+    ({"method": "dera", "lambda": 2.0}, 90),
+    ({"method": "aad", "alpha": 0.1}, 66),
+    ({"method": "aad", "alpha": 0.3, "entropy_threshold": 1.0}, 30),
+    ({"method": "none"}, 40),
+    ({"method": "dera", "lambda": 1.0}, 40),  # the same prompt as the row before
+]
+
+
+def test_prompt_logprobs_follow_each_rows_rule(llm, hf_pair, agent):
+    """One batch: DeRa (lambda 0, 0.5, 1, 2), AAD and none rows asking for prompt logprobs
+    (chunked prompts among them, one with n = 2), MARA and DeRa rows that do not. Every
+    returned prompt logprob equals the rule's distribution by plain HF forwards of both
+    models; lambda = 1 gives the aligned model's, lambda = 0 the reference's."""
+    rng = random.Random(14)
+    prompts = [_ids(rng, n) for _, n in PROMPT_RULES]
+    prompts[-1] = prompts[-2]
+    specs = [s for s, _ in PROMPT_RULES]
+    params = [_params(s, 3, prompt_logprobs=5) for s in specs]
+    params[1] = _params(specs[1], 3, prompt_logprobs=5, n=2, temperature=1.0, top_k=1)
+    others = [({"method": "mara"}, _ids(rng, 50)), ({"method": "dera", "lambda": 0.5}, _ids(rng, 30))]
+    scored = lambda: llm.collective_rpc(
+        lambda w: w.model_runner.get_model().reference_prompt_positions)[0]
+    before = scored()
+    outputs = _generate(llm, prompts + [p for _, p in others],
+                        params + [_params(s, 3) for s, _ in others])
+    # The reference's LM head scored the prompt positions of DeRa/AAD rows asking for prompt
+    # logprobs (n = 2: each sequence asks), and nothing else.
+    assert scored() - before == sum((len(p) - 1) * sp.n for p, s, sp in zip(prompts, specs, params)
+                                    if s["method"] != "none")
+    _check(hf_pair, agent, prompts + [p for _, p in others], specs + [s for s, _ in others],
+           outputs, [3] * len(outputs))
+    returned = [_prompt_logprobs(o) for o in outputs[:len(specs)]]
+    for prompt, spec, got in zip(prompts, specs, returned):
+        assert hf_reference.check_prompt_logprobs(
+            hf_reference.prompt_log_probs(*hf_pair, prompt, spec), got) >= len(prompt) - 1
+    assert all(o.prompt_logprobs is None for o in outputs[len(specs):])
+    # lambda = 1 is the aligned model, lambda = 0 the reference model alone.
+    for i, (none, one) in enumerate(zip(returned[-2][1:], returned[-1][1:])):
+        assert none.keys() == one.keys() and all(abs(none[t] - one[t]) < 1e-5 for t in none), i
+    assert hf_reference.check_prompt_logprobs(hf_reference.prompt_log_probs(
+        hf_pair[1], None, prompts[0], {"method": "none"}), returned[0]) > 0
+
+
+def test_prompt_logprobs_recompute_a_cached_prefix(llm, hf_pair, agent):
+    """A prompt whose prefix is cached (by a DeRa row, which also reads the reference) is
+    recomputed when it asks for prompt logprobs, even if it says not to skip the cache."""
+    rng = random.Random(15)
+    prefix = _ids(rng, 3 * BLOCK)
+    spec = {"method": "dera", "lambda": 2.0}
+    first = _generate(llm, [prefix + _ids(rng, 4)], _params(spec, 2))[0]
+    prompts = [prefix + _ids(rng, 5) for _ in range(3)]
+    outputs = [_generate(llm, [p], _params(spec, 2, **kw))[0] for p, kw in zip(prompts, (
+        {}, {"prompt_logprobs": 2}, {"prompt_logprobs": 2, "skip_reading_prefix_cache": False}))]
+    assert outputs[0].num_cached_tokens >= 2 * BLOCK, "without prompt logprobs it is reused"
+    for prompt, out in zip(prompts[1:], outputs[1:]):
+        assert out.num_cached_tokens == 0
+        hf_reference.check_prompt_logprobs(
+            hf_reference.prompt_log_probs(*hf_pair, prompt, spec), _prompt_logprobs(out))
+    _check(hf_pair, agent, prompts, [spec] * 3, outputs, [2] * 3)
+    assert first.outputs[0].token_ids
+
+
+def test_mara_refuses_prompt_logprobs_and_says_why(llm):
+    with pytest.raises(ValueError, match="prompt_logprobs: its rule is a walk"):
+        _generate(llm, [[11, 12, 13]], _params({"method": "mara"}, 2, prompt_logprobs=1))

@@ -341,3 +341,74 @@ def test_seeded_request_with_chunked_prefill_reproduces(align_server, tiny_pair,
         for f in noise:
             assert f.result().choices[0].text
     assert proc.poll() is None
+
+
+# -- prompt logprobs (echo) under the rule -----------------------------------
+
+ECHO_RULES = [None,  # the engine default: DeRa lambda = 0
+              {"method": "dera", "lambda": 0.5}, {"method": "dera", "lambda": 2.0},
+              {"method": "aad", "alpha": 0.1}, {"method": "none"}]
+
+
+def _by_id(entries: dict) -> dict[int, float]:
+    """``{"token_id:N": logprob}`` (``return_tokens_as_token_ids``) -> ``{N: logprob}``."""
+    return {int(k.split(":")[1]): v for k, v in entries.items()}
+
+
+def test_echo_logprobs_follow_the_rule(align_server, tiny_pair):
+    """lm-eval's loglikelihood request (`echo`, `logprobs`, `max_tokens` 1) under each rule,
+    concurrently, a long prompt prefilled in chunks among them: every prompt logprob, top
+    ones included, and the sampled token's equal the rule's by plain HF forwards; a
+    request without `alignment` gets the engine default's. Chat's `prompt_logprobs` too;
+    MARA refuses them (400, saying why)."""
+    import hf_reference
+
+    url, model, _ = align_server
+    c = _client(url)
+    hf_pair = hf_reference.load_pair(*tiny_pair)
+    prompts = [LONG_PROMPT, PROMPT, LONG_PROMPT[:150], PROMPT + " the mat", PROMPT]
+
+    def echo(prompt, alignment):
+        extra = {"return_token_ids": True, "return_tokens_as_token_ids": True}
+        if alignment is not None:
+            extra["alignment"] = alignment
+        return c.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0,
+                                    echo=True, logprobs=3, extra_body=extra).choices[0]
+
+    with ThreadPoolExecutor(len(ECHO_RULES)) as pool:
+        choices = list(pool.map(echo, prompts, ECHO_RULES))
+    scored = []
+    for alignment, choice in zip(ECHO_RULES, choices):
+        spec = alignment or {"method": "dera", "lambda": 0.0}
+        ids = list(choice.prompt_token_ids) + list(choice.token_ids)
+        lp = choice.logprobs
+        assert [int(t.split(":")[1]) for t in lp.tokens] == ids
+        returned = [None] + [{ids[i]: lp.token_logprobs[i], **_by_id(lp.top_logprobs[i])}
+                             for i in range(1, len(ids))]
+        expected = hf_reference.prompt_log_probs(*hf_pair, ids, spec)
+        assert hf_reference.check_prompt_logprobs(expected, returned) >= 3 * (len(ids) - 1)
+        scored.append((ids, returned))
+    # The default (lambda = 0) is the reference model alone, none the aligned one alone.
+    for (ids, returned), model_alone in ((scored[0], hf_pair[1]), (scored[-1], hf_pair[0])):
+        hf_reference.check_prompt_logprobs(hf_reference.prompt_log_probs(
+            model_alone, None, ids, {"method": "none"}), returned)
+
+    for alignment in ({"method": "aad", "alpha": 0.2}, {"method": "dera", "lambda": 2.0}):
+        chat = c.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=1,
+            temperature=0, extra_body={"alignment": alignment, "prompt_logprobs": 2,
+                                       "return_token_ids": True})
+        ids = list(chat.prompt_token_ids)
+        returned = [None if p is None else {int(t): v["logprob"] for t, v in p.items()}
+                    for p in chat.prompt_logprobs]
+        assert hf_reference.check_prompt_logprobs(
+            hf_reference.prompt_log_probs(*hf_pair, ids, alignment), returned) >= len(ids) - 1
+
+    with pytest.raises(openai.BadRequestError) as err:
+        echo(PROMPT, {"method": "mara"})
+    assert "its rule is a walk" in str(err.value)
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}],
+                                  max_tokens=1, extra_body={"alignment": {"method": "mara"},
+                                                            "prompt_logprobs": 1})
+    assert "prompt_logprobs: its rule is a walk" in str(err.value)

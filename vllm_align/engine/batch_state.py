@@ -11,12 +11,17 @@ which reads the tensors kept here. This class only:
 * mirrors the persistent batch: rows are written when requests join, moved
   when vLLM condenses or reorders the batch, all from ``BatchUpdate`` diffs,
 * flags the next ``compute_logits`` call of a step as the sampling call (the
-  prompt-logprobs call that may follow must not be mixed per request),
+  prompt-logprobs calls that may follow are one request's positions each, and
+  get that request's rule through ``PromptSlice``),
 * keeps the rows that read the reference model (DeRa, AAD), so that a step
-  runs the reference for those rows only (``reference_rows.py``).
+  runs the reference for those rows only (``reference_rows.py``),
+* gives prompt logprobs the rule of the row they belong to (``PromptHidden``,
+  ``apply_row_rule``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,6 +32,48 @@ from vllm_align import methods
 from vllm_align.config import AlignParams, EngineAlignConfig
 from vllm_align.engine.mara_rows import MaraRows, StepResult, move_row
 from vllm_align.engine.reference_rows import ReferencePlan
+
+@dataclass
+class PromptSlice:
+    """Prompt positions of one row, as ``compute_logits`` gets them for prompt logprobs.
+
+    Attributes:
+        hidden: [n, H_aligned + H_ref] the step's hidden states at n consecutive
+            positions of the row's prompt.
+        row: the row's persistent-batch index (the batch state's row).
+    """
+
+    hidden: torch.Tensor
+    row: int
+
+
+class PromptHidden:
+    """The step's hidden states, standing in for them in vLLM's prompt-logprobs loop.
+
+    vLLM's ``GPUModelRunner._get_prompt_logprobs_dict`` slices the step's
+    hidden states once per request asking for prompt logprobs,
+    ``hidden_states[offset : offset + n]`` (``offset``: the request's first
+    token in the step, ``query_start_loc[row]``), and hands the slice to the
+    model's ``compute_logits``. Slicing this stand-in gives the same slice as a
+    ``PromptSlice`` that also names the row, so that the pair model applies
+    that row's rule (``patches/prompt_logprobs.py`` passes it in).
+
+    Args:
+        hidden: [T, H_aligned + H_ref] the step's hidden states.
+        query_start_loc: [B + 1] host int, row b's tokens are
+            ``query_start_loc[b]:query_start_loc[b + 1]`` of the step's T.
+    """
+
+    def __init__(self, hidden: torch.Tensor, query_start_loc: np.ndarray):
+        self.hidden = hidden
+        self._row_ends = query_start_loc[1:]
+
+    def __getitem__(self, index: slice) -> PromptSlice:
+        start = index.start or 0
+        # The row whose tokens start at ``start``: the first whose end lies past it.
+        row = int(np.searchsorted(self._row_ends, start, side="right"))
+        return PromptSlice(self.hidden[index], row)
+
 
 class AlignBatchState(LogitsProcessor):
     """Batched per-request method codes and parameters.
@@ -172,6 +219,32 @@ class AlignBatchState(LogitsProcessor):
             out[rows], reference, d["method"][rows], d["lam"][rows], d["alpha"][rows],
             d["entropy_threshold"][rows], has_dera=self.has_dera, has_aad=self.has_aad)
         return out.index_copy(0, rows, mixed)  # out of place: ``aligned`` stays as it was
+
+    def reads_reference(self, row: int) -> bool:
+        """Whether row ``row``'s rule reads the reference model (host; no device sync)."""
+        return int(self._cpu["method"][row]) in (methods.DERA, methods.AAD)
+
+    def apply_row_rule(self, aligned: torch.Tensor, reference: torch.Tensor | None,
+                       row: int) -> torch.Tensor:
+        """Row ``row``'s rule at n positions of its prompt (its prompt logprobs).
+
+        The same rule, on the same per-row parameters, as the row's sampled
+        tokens get from ``apply_rule``: DeRa's mixed logits, AAD's scores
+        ``A`` over ``V_alpha``; a ``none`` row keeps the aligned logits.
+
+        Args:
+            aligned: [n, V] logits of the aligned model.
+            reference: [n, V] logits of the reference model, or None when the
+                row's rule does not read it.
+        Returns:
+            [n, V] float32 logits.
+        """
+        n, d = aligned.shape[0], self._dev
+        code = int(self._cpu["method"][row])
+        return methods.align_logits(
+            aligned, reference, *(d[k][row:row + 1].expand(n) for k in
+                                  ("method", "lam", "alpha", "entropy_threshold")),
+            has_dera=code == methods.DERA, has_aad=code == methods.AAD)
 
     def apply_mara(self, aligned: torch.Tensor, hidden: torch.Tensor, others: torch.Tensor,
                    agents) -> torch.Tensor:

@@ -15,6 +15,13 @@ Data flow of one step (B sequences, T scheduled tokens, H hidden size):
     runner selects the sampling rows      -> [B, 2H]   (row-aligned by construction)
     compute_logits([B, 2H])               -> rule(logits_aligned, logits_ref) [B, V]
 
+Prompt logprobs: vLLM's prompt-logprobs loop hands ``compute_logits`` one
+request's prompt positions at a time; on an engine with a reference model
+they arrive as a ``PromptSlice`` (``batch_state.py``) naming the row, and get
+that row's rule too: ``log_softmax`` of DeRa's mixed logits, of AAD's scores,
+or of the aligned logits for ``none``. Only DeRa/AAD rows asking for prompt
+logprobs pay the reference's LM head over their prompt positions.
+
 Concatenating the hidden states lets vLLM's own row selection pick both
 models' rows at once, so the reference logits cannot drift out of row order.
 The reference runs only over the tokens of rows whose rule reads it (DeRa,
@@ -35,6 +42,7 @@ from vllm.model_executor.models import ModelRegistry
 from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 
 from vllm_align.config import EngineAlignConfig
+from vllm_align.engine.batch_state import PromptSlice
 from vllm_align.engine.reference_rows import reference_forward_context
 from vllm_align.mara.agent import load_agent
 from vllm_align.patches.compiled_classes import own_compiled_classes
@@ -82,8 +90,10 @@ class AlignedPairForCausalLM(nn.Module):
         # The engine's AlignBatchState, bound by the runner before each step
         # (patches/model_runner.py); None in warm-up and profile runs before it.
         self.align_state = None
-        # Tokens the reference model has been run over (warm-up included).
+        # Tokens the reference model has been run over (warm-up included), and prompt
+        # positions its LM head scored for prompt logprobs.
         self.reference_tokens = 0
+        self.reference_prompt_positions = 0
         self.make_empty_intermediate_tensors = getattr(
             self.aligned, "make_empty_intermediate_tensors", None)
 
@@ -115,12 +125,15 @@ class AlignedPairForCausalLM(nn.Module):
             self.reference_tokens += h_sub.shape[0]
         return torch.cat([h_aligned, h_ref], dim=-1)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+    def compute_logits(self, hidden_states: torch.Tensor | PromptSlice) -> torch.Tensor | None:
         """[B, H_aligned + H_ref] -> [B, V] logits of each row's decoding rule.
 
-        Only the step's sampling call is mixed per request; other calls
-        (prompt logprobs, warm-up) get the aligned model's logits.
+        The step's sampling call is mixed per row; a ``PromptSlice`` (prompt
+        logprobs, [n, H_aligned + H_ref]) gets its row's rule at every position;
+        other calls (warm-up) get the aligned model's logits.
         """
+        if isinstance(hidden_states, PromptSlice):
+            return self._prompt_logits(hidden_states)
         h_aligned, *h_ref = hidden_states.split(self._hidden_sizes, dim=-1)
         logits = self.aligned.compute_logits(h_aligned)
         state = self.align_state
@@ -135,6 +148,21 @@ class AlignedPairForCausalLM(nn.Module):
         if state.has_mara:
             out = state.apply_mara(logits, h_aligned, out, self.agents)
         return out
+
+    def _prompt_logits(self, part: PromptSlice) -> torch.Tensor | None:
+        """[n, H_aligned + H_ref] prompt positions of one row -> [n, V] its rule's logits."""
+        h_aligned, *h_ref = part.hidden.split(self._hidden_sizes, dim=-1)
+        logits = self.aligned.compute_logits(h_aligned)
+        state = self.align_state
+        if self.reference is None or state is None or not state.reads_reference(part.row):
+            return logits
+        # The row's reference hidden states were computed in this step's forward
+        # (it reads the reference); every tensor-parallel rank decides alike.
+        ref_logits = self.reference.compute_logits(h_ref[0])
+        self.reference_prompt_positions += ref_logits.shape[0] if ref_logits is not None else 0
+        if logits is None:
+            return None
+        return state.apply_row_rule(logits, ref_logits, part.row)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         def route():
