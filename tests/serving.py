@@ -1,6 +1,7 @@
 """Starting and stopping a real `vllm serve` on loopback for the server tests."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,12 +29,15 @@ def start(args: list[str], log: Path, env: dict | None = None) -> tuple[subproce
     vllm = str(Path(sys.executable).with_name("vllm"))
     cmd = [vllm, "serve", *args, "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8"]
+    # A process group of its own: stop() ends the engine cores with the API server.
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})})
+                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})},
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            stop(proc)
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             if requests.get(url + "/health", timeout=1).status_code == 200:
@@ -41,16 +45,23 @@ def start(args: list[str], log: Path, env: dict | None = None) -> tuple[subproce
         except requests.ConnectionError:
             pass
         time.sleep(1)
-    proc.kill()
+    stop(proc)
     raise RuntimeError(f"server did not start in {STARTUP_S}s:\n{log.read_text()[-3000:]}")
 
 
 def stop(proc: subprocess.Popen) -> None:
+    """Stop the server and everything it started (a data-parallel server's engine cores
+    outlived a lone SIGTERM to it)."""
     proc.terminate()
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def client(url: str) -> openai.OpenAI:
