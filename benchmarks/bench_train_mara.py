@@ -6,7 +6,7 @@ rollout's start-up, every rollout, the final checkpoint), timed from outside. Ro
 ``bench_align.py`` (~118M Llama, built locally), 64 random-token prompts written as JSONL
 text, a ``.py`` reward, ``--threads 2`` (both cores, for both rollouts), and no environment
 variables beyond the caller's. The rollouts run in both orders, back to back
-(hf, engine, engine, hf); per-rollout times are the differences of ``metrics.csv``'s
+(hf, engine, hf); per-rollout times are the differences of ``metrics.csv``'s
 ``elapsed_s`` after the first rollout (which also pays the rollout's start-up).
 
 Workloads (``--workload``, default both):
@@ -39,7 +39,7 @@ WORKLOADS = {
     "bench": ["--episodes", "512", "--rollout-batch", "64", "--max-response-len", "64",
               "--top-k", "40"],
 }
-ORDER = ("hf", "engine", "engine", "hf")
+ORDER = ("hf", "engine", "hf")  # both orders, back to back: hf→engine and engine→hf
 REWARD = "def score(prompt, response):\n    return len(set(response.split())) / 16.0\n"
 
 
