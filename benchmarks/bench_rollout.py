@@ -16,21 +16,26 @@ down (an idle engine still polls a core); the ratio uses their mean and the
 report keeps every repeat. The engine's time is split into installing the
 actor, decoding, fetching the records and assembling transitions.
 
+The engine is the one ``train-mara`` starts for these rollouts (``engine_kwargs``: on CPU
+eager below 1M response tokens, in this process, a KV cache for the batch); ``--engine-args``
+overrides it as train-mara's flag does.
+
 Usage: python benchmarks/bench_rollout.py [--episodes 64] [--tokens 64] [--repeats 3]
-       [--json out.json]
+       [--engine-args JSON] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import platform
 import statistics
 import time
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-# As bench_align.py: vLLM gets both cores, like the HF rollout.
+# An engine in its own processes (VLLM_ENABLE_V1_MULTIPROCESSING=1) gets both cores, like the
+# HF rollout (as bench_align.py); the default in-process engine runs on torch's threads.
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
@@ -57,9 +62,12 @@ def time_engine(model_path: str, prompts, actor, args) -> tuple[list[float], dic
     from vllm_align.train.engine_rollout import EngineRollout
     from vllm_align.train.rollout import RolloutSpec
 
+    # The engine train-mara would start for these rollouts (engine_rollout.engine_kwargs).
     spec = RolloutSpec(model=model_path, reward=None, top_k=args.top_k, top_p=args.top_p,
                        max_response_len=args.tokens, dtype=args.dtype,
-                       engine_args={"max_model_len": 512, "max_num_seqs": len(prompts)})
+                       engine_args=json.loads(args.engine_args),
+                       episodes=len(prompts) * (args.repeats + 1), batch=len(prompts),
+                       prompt_len=max(len(p.token_ids) for p in prompts))
     rollout = EngineRollout.from_spec(spec)  # no reward source: a zero terminal reward
     rollout.collect(prompts[:2], actor, seed=0)  # warm-up (and compile)
 
@@ -105,6 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--accept-rate", type=float, default=0.7)
+    parser.add_argument("--engine-args", default="{}", help="JSON: the rollout engine's "
+                        "arguments over train-mara's, e.g. '{\"enforce_eager\": false}'")
     add_model_args(parser)
     args = parser.parse_args(argv)
 

@@ -21,7 +21,7 @@ from vllm_align.train.engine_rollout import EngineRollout
 from vllm_align.train.rollout import HFRollout, RolloutSpec, load_causal_lm
 
 MAX_LEN = 16
-ENGINE = {"enforce_eager": True, "max_model_len": 128, "block_size": 32,
+ENGINE = {"max_model_len": 128, "block_size": 32,
           "num_gpu_blocks_override": 8, "max_num_seqs": 8}
 
 

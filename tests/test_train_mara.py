@@ -32,8 +32,6 @@ from vllm_align.mara.agent import load_agent
 from vllm_align.train.config import SACConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-# The rollout engine (episodes roll out in vLLM, the default): eager, a CPU compile costs minutes.
-ENGINE = '{"enforce_eager": true, "max_model_len": 128}'
 REWARD = '''
 def score(prompt, response):
     """Fraction of the response's characters that are vowels."""
@@ -58,8 +56,7 @@ def _args(setup, out: Path, *extra: str) -> list[str]:
             "--output-dir", str(out), "--reward", setup["reward"], "--episodes", "48",
             "--rollout-batch", "8", "--checkpoint-every", "16", "--batch-size", "32",
             "--learning-starts", "32", "--max-response-len", "10", "--threads", "1",
-            "--save-replay", "--no-progress", "--log-every", "1000", "--seed", "3",
-            "--engine-args", ENGINE, *extra]
+            "--save-replay", "--no-progress", "--log-every", "1000", "--seed", "3", *extra]
 
 
 def _rows(out: Path) -> list[dict]:

@@ -74,7 +74,7 @@ def run_workers(trainer, prompts: list[Prompt], report: Callable[[dict], None],
     cfg = trainer.cfg
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
-    spec = RolloutSpec.from_config(cfg)
+    spec = RolloutSpec.from_config(cfg, prompts)
     gpus = 1 if spec.rollout == "engine" and ray.cluster_resources().get("GPU", 0) > 0 else 0
     worker_cls = ray.remote(num_cpus=1, num_gpus=gpus)(RolloutWorker)
     workers = [worker_cls.remote(i, threads or cfg.threads or 1)

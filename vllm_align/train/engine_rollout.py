@@ -20,6 +20,8 @@ engine that does not record) never pay for this.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -33,27 +35,107 @@ from vllm_align.train.terminal import TerminalReward
 AGENT = "train"  # the engine's name for the agent being trained
 
 
+# A CPU torch.compile of the LLM takes ~40 s; below this many response tokens per engine
+# (episodes x --max-response-len) it is never earned back, and the engine runs eager.
+COMPILE_MIN_TOKENS = 1_000_000
+MP_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+def engine_kwargs(spec: RolloutSpec, hf_config) -> dict[str, Any]:
+    """The rollout engine's ``LLM(...)`` arguments: defaults chosen from the job's size,
+    every key of ``spec.engine_args`` wins.
+
+    * no prefix caching: a resumed run must repeat the uninterrupted one exactly, and
+      cached prompt blocks would change a later rollout's float path;
+    * on CPU, eager unless the engine decodes at least ``COMPILE_MIN_TOKENS`` response
+      tokens (``spec.episodes · spec.max_response_len``);
+    * on CPU with the prompts known, ``max_model_len`` = longest prompt + response limit and
+      a KV cache for ``spec.batch`` such sequences (vLLM's CPU default reserves 90% of the
+      machine's memory, and fails when that much is not free).
+    """
+    from vllm.platforms import current_platform
+
+    kwargs: dict[str, Any] = {"dtype": spec.dtype, "seed": 0, "enable_prefix_caching": False}
+    if current_platform.is_cpu():
+        kwargs["enforce_eager"] = spec.episodes * spec.max_response_len < COMPILE_MIN_TOKENS
+        if spec.prompt_len and spec.batch:
+            max_len = spec.prompt_len + spec.max_response_len
+            kwargs["max_model_len"] = max_len
+            per_token = _kv_bytes_per_token(hf_config, spec.dtype)
+            if per_token:  # blocks of up to 128 tokens, one spare per sequence
+                tokens = spec.batch * (-(-max_len // 128) + 1) * 128
+                kwargs["kv_cache_memory_bytes"] = tokens * per_token
+    return {**kwargs, **dict(spec.engine_args)}
+
+
+def _kv_bytes_per_token(cfg, dtype: str) -> int:
+    """K and V bytes per token of a standard decoder config (0 when it does not say)."""
+    layers, heads = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "num_attention_heads",
+                                                                       None)
+    if not layers or not heads or not getattr(cfg, "hidden_size", None):
+        return 0
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return 2 * layers * kv_heads * head_dim * getattr(torch, dtype).itemsize
+
+
 def rollout_engine(spec: RolloutSpec):
     """A ``vllm.LLM`` serving ``spec.model`` with an agent ``AGENT`` (its weights are
-    replaced by every rollout) and the recording worker extension."""
+    replaced by every rollout) and the recording worker extension (``engine_kwargs``).
+
+    On CPU the engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
+    unless the variable is set): no engine-core and worker processes to spawn, each
+    importing vLLM and torch again, and the engine decodes on this process's torch threads
+    (``--threads``), with no scheduler process polling a core beside it.
+    """
     import tempfile
 
     from transformers import AutoConfig
     from vllm import LLM
+    from vllm.platforms import current_platform
 
     from vllm_align.engine.training import WORKER_EXTENSION
 
-    d = AutoConfig.from_pretrained(spec.model).hidden_size
-    # No prefix caching by default: a resumed run must repeat the uninterrupted one
-    # exactly, and cached prompt blocks would change a later rollout's float path.
-    kwargs: dict[str, Any] = {"dtype": spec.dtype, "seed": 0, "enable_prefix_caching": False,
-                              **dict(spec.engine_args)}
+    hf_config = AutoConfig.from_pretrained(spec.model)
+    kwargs = engine_kwargs(spec, hf_config)
+    in_process = current_platform.is_cpu() and MP_ENV not in os.environ
     with tempfile.TemporaryDirectory() as tmp:  # read once, at start-up
-        path = save_agent(MaraAgent(d), f"{tmp}/{AGENT}.safetensors")
-        llm = LLM(model=spec.model, worker_extension_cls=WORKER_EXTENSION,
-                  additional_config={"align": {"mara_agents": {AGENT: str(path)}}}, **kwargs)
+        path = save_agent(MaraAgent(hf_config.hidden_size), f"{tmp}/{AGENT}.safetensors")
+        with _engine_in_this_process() if in_process else contextlib.nullcontext():
+            llm = LLM(model=spec.model, worker_extension_cls=WORKER_EXTENSION,
+                      additional_config={"align": {"mara_agents": {AGENT: str(path)}}},
+                      **kwargs)
     llm.collective_rpc("vllm_align_record", args=(True,))
     return llm
+
+
+@contextlib.contextmanager
+def _engine_in_this_process():
+    """Start a vLLM engine with its core in this process, leaving the process as it was.
+
+    An in-process core seeds the global RNGs, freezes ``vllm.envs`` at their values
+    (``enable_envs_cache``) and, on CPU, replaces ``torch.set_num_threads`` by a no-op
+    (its thread binding); all three are undone here, so that the trainer keeps its own
+    threads and random state and a later engine in this process reads the environment.
+    """
+    import random
+
+    import numpy as np
+    from vllm import envs
+
+    set_num_threads, py_state = torch.set_num_threads, random.getstate()
+    np_state = np.random.get_state()
+    os.environ[MP_ENV] = "0"
+    envs.disable_envs_cache()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        os.environ.pop(MP_ENV, None)
+        envs.disable_envs_cache()
+        torch.set_num_threads = set_num_threads
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def open_rollout(spec: RolloutSpec):

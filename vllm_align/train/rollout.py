@@ -176,16 +176,22 @@ class RolloutSpec:
     reward_batch_size: int = 16
     rollout: str = "engine"  # "engine" (train.engine_rollout) or "hf" (HFRollout)
     engine_args: Mapping[str, Any] = field(default_factory=dict)  # the engine's LLM(...) kwargs
+    # The job's size, from which the engine's defaults are chosen (engine_rollout.engine_kwargs):
+    episodes: int = 0  # episodes this rollout will roll out in all (0: unknown, a short job)
+    batch: int = 0  # episodes per collect (0: unknown)
+    prompt_len: int = 0  # tokens of the longest prompt (0: unknown)
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig) -> "RolloutSpec":
-        """The rollout of a training run (every worker builds the same one)."""
+    def from_config(cls, cfg: TrainConfig, prompts: Sequence[Prompt] = ()) -> "RolloutSpec":
+        """The rollout of a training run (every worker builds the same one), for ``prompts``."""
         s = cfg.sac
         return cls(model=str(cfg.model), reward=cfg.reward, cost=cfg.cost, alpha_r=s.alpha_r,
                    alpha_c=s.alpha_c, kl_coef=s.kl_coef, top_k=s.top_k, top_p=s.top_p,
                    max_response_len=s.max_response_len, dtype=cfg.dtype, device=cfg.device,
                    reward_batch_size=cfg.reward_batch_size, rollout=cfg.rollout,
-                   engine_args=dict(cfg.engine_args or {}))
+                   engine_args=dict(cfg.engine_args or {}),
+                   episodes=-(-s.training_episodes // s.num_workers), batch=cfg.rollout_batch,
+                   prompt_len=max((len(p.token_ids) for p in prompts), default=0))
 
     def terminal(self) -> TerminalReward:
         """The terminal reward of these rollouts, its scorers loaded."""

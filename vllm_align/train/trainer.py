@@ -257,7 +257,7 @@ class MaraTrainer:
     def _run_local(self, prompts: list[Prompt], bar) -> None:
         from vllm_align.train.engine_rollout import open_rollout
 
-        rollout = self._rollout or open_rollout(RolloutSpec.from_config(self.cfg))
+        rollout = self._rollout or open_rollout(RolloutSpec.from_config(self.cfg, prompts))
         since = self.episodes
         while self.episodes < self.cfg.sac.training_episodes:
             batch_prompts = self.next_prompts(prompts, self.episodes)
