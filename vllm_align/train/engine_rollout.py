@@ -28,6 +28,7 @@ import torch
 
 from vllm_align.data.prompts import Prompt
 from vllm_align.mara.agent import MaraAgent, save_agent
+from vllm_align.patches.in_process_engine import MP_ENV, engine_in_this_process
 from vllm_align.train.rollout import (DECISION_MODES, HFRollout, RolloutBatch, RolloutSpec,
                                       WalkRecords, assemble, episode_seeds, walk_order)
 from vllm_align.train.terminal import TerminalReward
@@ -38,7 +39,6 @@ AGENT = "train"  # the engine's name for the agent being trained
 # A CPU torch.compile of the LLM takes ~40 s; below this many response tokens per engine
 # (episodes x --max-response-len) it is never earned back, and the engine runs eager.
 COMPILE_MIN_TOKENS = 1_000_000
-MP_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
 
 def engine_kwargs(spec: RolloutSpec, hf_config) -> dict[str, Any]:
@@ -101,41 +101,12 @@ def rollout_engine(spec: RolloutSpec):
     in_process = current_platform.is_cpu() and MP_ENV not in os.environ
     with tempfile.TemporaryDirectory() as tmp:  # read once, at start-up
         path = save_agent(MaraAgent(hf_config.hidden_size), f"{tmp}/{AGENT}.safetensors")
-        with _engine_in_this_process() if in_process else contextlib.nullcontext():
+        with engine_in_this_process() if in_process else contextlib.nullcontext():
             llm = LLM(model=spec.model, worker_extension_cls=WORKER_EXTENSION,
                       additional_config={"align": {"mara_agents": {AGENT: str(path)}}},
                       **kwargs)
     llm.collective_rpc("vllm_align_record", args=(True,))
     return llm
-
-
-@contextlib.contextmanager
-def _engine_in_this_process():
-    """Start a vLLM engine with its core in this process, leaving the process as it was.
-
-    An in-process core seeds the global RNGs, freezes ``vllm.envs`` at their values
-    (``enable_envs_cache``) and, on CPU, replaces ``torch.set_num_threads`` by a no-op
-    (its thread binding); all three are undone here, so that the trainer keeps its own
-    threads and random state and a later engine in this process reads the environment.
-    """
-    import random
-
-    import numpy as np
-    from vllm import envs
-
-    set_num_threads, py_state = torch.set_num_threads, random.getstate()
-    np_state = np.random.get_state()
-    os.environ[MP_ENV] = "0"
-    envs.disable_envs_cache()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        os.environ.pop(MP_ENV, None)
-        envs.disable_envs_cache()
-        torch.set_num_threads = set_num_threads
-        random.setstate(py_state)
-        np.random.set_state(np_state)
 
 
 def open_rollout(spec: RolloutSpec):
