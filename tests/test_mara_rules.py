@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import hf_mara_reference
-from vllm_align.mara.rules import candidate_set, policy_probs, walk_decisions, walk_step
+from vllm_align.mara.rules import (candidate_set, policy_probs, walk_decisions, walk_log_ratio,
+                                   walk_step)
 
 V = 50
 
@@ -261,3 +262,26 @@ def test_decision_uniform_is_splitmix64_of_seed_position_index():
                             torch.zeros(50_000, dtype=torch.long))
     assert 0.0 <= float(many.min()) and float(many.max()) < 1.0
     assert abs(float(many.mean()) - 0.5) < 0.01 and abs(float(many.std()) - 0.2887) < 0.01
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_walk_log_ratio_iterated_equals_plain_formula(seed):
+    """Along a walk that rejects i candidates then emits t_i, ``diff`` is
+    ``Σ_{j<i} log(1 − a_j) + log a_i − log p_i`` (``a_i`` = 1 for the forced last)."""
+    g = torch.Generator().manual_seed(seed)
+    b, k = 6, 4
+    a = torch.rand(b, k, generator=g) * 0.98 + 0.01
+    p = torch.rand(b, k, generator=g)
+    emitted_at = torch.randint(0, k, (b,), generator=g)
+    log_decision = torch.stack([torch.log1p(-a), a.log()], dim=-1)  # [B, K, 2] (REJECT, ACCEPT)
+    log_reject = torch.zeros(b)
+    for i in range(k):
+        asked = torch.full((b,), i < k - 1)  # the last candidate is forced, unasked
+        emit = emitted_at == i
+        diff, log_reject = walk_log_ratio(log_reject, log_decision[:, i], asked, p[:, i], emit)
+        for row in emit.nonzero().squeeze(1).tolist():
+            want = sum(math.log(1 - a[row, j].item()) for j in range(i))
+            want += math.log(a[row, i].item()) if i < k - 1 else 0.0
+            want -= math.log(p[row, i].item())
+            assert diff[row].item() == pytest.approx(want, abs=1e-5)
+        assert (log_reject[emit] == 0).all()

@@ -35,7 +35,8 @@ import torch
 
 from vllm_align.engine.mara_trace import DecisionTrace
 from vllm_align.mara.agent import ACCEPT, MaraAgent
-from vllm_align.mara.rules import KEY_SPAN, candidate_set, decision_uniform, walk_step
+from vllm_align.mara.rules import (KEY_SPAN, candidate_set, decision_uniform, walk_log_ratio,
+                                   walk_step)
 
 
 def move_row(tensors: Sequence[torch.Tensor], src: int, dst: int, swap: bool) -> None:
@@ -262,12 +263,10 @@ class MaraRows:
         """
         b = hidden.shape[0]
         rows = (is_mara_cpu & self.pending_cpu[:b] & self.params_cpu["seeded"][:b]).nonzero()
-        log_p = torch.log_softmax(decision_logits, dim=-1)
-        log_pi = s["log_reject"] + torch.where(asked, log_p[:, ACCEPT], 0.0)
         p_ref = s["cand_prob"].gather(1, s["index"].unsqueeze(1)).squeeze(1)
-        diff = log_pi - p_ref.clamp_min(1e-30).log()
-        log_reject = s["log_reject"] + torch.where(asked, log_p[:, 1 - ACCEPT], 0.0)
-        s["log_reject"].copy_(torch.where(fresh | emit, 0.0, log_reject))
+        diff, log_reject = walk_log_ratio(s["log_reject"], torch.log_softmax(decision_logits, -1),
+                                          asked, p_ref, fresh | emit)
+        s["log_reject"].copy_(log_reject)
         if rows.numel():
             rows = rows.squeeze(1).to(hidden.device, non_blocking=True)
             self.trace.record(rows, seed=self.params["seed"], key=position * KEY_SPAN + s["index"],

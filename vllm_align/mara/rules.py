@@ -32,6 +32,8 @@ from typing import NamedTuple
 
 import torch
 
+from vllm_align.mara.agent import ACCEPT, REJECT
+
 
 # ---------------------------------------------------------------------------
 # Candidates
@@ -248,6 +250,50 @@ def walk_step(index: torch.Tensor, n_valid: torch.Tensor, accept_prob: torch.Ten
     forced = torch.where(fallback_last, n_valid - 1, torch.zeros_like(n_valid))
     chosen = torch.where(accepted, index, torch.where(exhausted, forced, index))
     return WalkStep(done, chosen, torch.where(done, index, index + 1), asked, accepted)
+
+
+class LogRatio(NamedTuple):
+    """The walk's ``log π_θ − log π_ref`` bookkeeping after one judged candidate.
+
+    Attributes:
+        diff: [B] float32, the judged candidate's ``log π_θ(t) − log π_ref(t)``
+            were it emitted now (meaningful where the row emits).
+        log_reject: [B] float32, ``Σ log(1 − a_j)`` over the position's
+            rejections so far, reset to 0 where the position ends.
+    """
+
+    diff: torch.Tensor
+    log_reject: torch.Tensor
+
+
+def walk_log_ratio(log_reject: torch.Tensor, log_decision: torch.Tensor, asked: torch.Tensor,
+                   p_ref: torch.Tensor, restart: torch.Tensor) -> LogRatio:
+    """The KL term of a token's reward (the trainer's ``r − β·(log π_θ − log π_ref)``).
+
+    For the candidate ``t`` judged at walk index ``i`` of a position::
+
+        log π_θ(t) = Σ_{j<i} log(1 − a_j) + (log a_i if asked else 0)
+        diff       = log π_θ(t) − log max(p_ref(t), 1e-30)
+
+    (an unasked candidate, lone or the forced "last", has ``a_i = 1``), and the
+    running rejection sum moves on by ``log(1 − a_i)`` where asked.
+
+    Args:
+        log_reject: [B] float32, ``Σ_{j<i} log(1 − a_j)``.
+        log_decision: [B, 2] float32 log-softmax of the agent's decision
+            logits at the candidate (columns ``agent.REJECT``, ``agent.ACCEPT``);
+            zeros when no agent decides.
+        asked: [B] bool, the agent's verdict was used (``WalkStep.asked``).
+        p_ref: [B] float32, the candidate's probability under the LLM.
+        restart: [B] bool, the position ends (an emit, or a fresh candidate list).
+    Returns:
+        ``LogRatio(diff, log_reject)``.
+    """
+    zero = torch.zeros_like(log_reject)
+    log_pi = log_reject + torch.where(asked, log_decision[:, ACCEPT], zero)
+    diff = log_pi - p_ref.clamp_min(1e-30).log()
+    moved = log_reject + torch.where(asked, log_decision[:, REJECT], zero)
+    return LogRatio(diff, torch.where(restart, zero, moved))
 
 
 # ---------------------------------------------------------------------------
