@@ -14,7 +14,7 @@ def apply_patches() -> None:
     if _applied:
         return
     from vllm_align.patches import (attention_metadata, engine_args, input_processor,
-                                    model_runner, openai_request, output_processor,
+                                    lora_cpu_ops, model_runner, openai_request, output_processor,
                                     prompt_logprobs, scheduler, serve_command,
                                     vllm_config)
 
@@ -28,6 +28,9 @@ def apply_patches() -> None:
                   model_runner.ModelRunnerPatch,
                   attention_metadata.AttentionMetadataPatch,  # reads the step mark set above
                   prompt_logprobs.PromptLogprobsPatch,
-                  output_processor.OutputProcessorPatch):
+                  output_processor.OutputProcessorPatch,
+                  # inert until a pair model with LoRA enables it (lora_cpu_ops.enable)
+                  lora_cpu_ops.LoRAOpsPatch,
+                  lora_cpu_ops.PunicaCPUOpsPatch):
         patch.apply()
     _applied = True

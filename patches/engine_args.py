@@ -100,7 +100,16 @@ class EngineArgsPatch(VllmPatch):
                     f"(--pipeline-parallel-size {self.pipeline_parallel_size}); use tensor parallelism")
             if callable(self.hf_overrides):
                 raise AlignConfigError("vllm-align needs hf_overrides as a dict, not a callable")
-            if align.reference_model is not None:
+            if align.reference_is(self.model):
+                if not self.enable_lora:
+                    raise AlignConfigError(
+                        f"reference_model {align.reference_model!r} is the served model itself: "
+                        "that is a LoRA pair (aligned = a request's adapter on these weights); "
+                        "start the engine with enable_lora=True (--enable-lora)")
+                overrides = served_overrides(
+                    self.model, revision=self.revision,
+                    trust_remote_code=self.trust_remote_code, agents=align.mara_agents)
+            elif align.reference_model is not None:
                 overrides = pair_overrides(
                     self.model, align.reference_model, tokenizer=self.tokenizer,
                     revision=self.revision, trust_remote_code=self.trust_remote_code)

@@ -79,8 +79,15 @@ class InputProcessorPatch(VllmPatch):
         if engine is None:
             engine = self._vllm_align_engine = EngineAlignConfig.parse(
                 self.vllm_config.additional_config)
+            self._vllm_align_lora_pair = engine.reference_is(self.vllm_config.model_config.model)
         if engine.reference_model is not None and request.sampling_params is not None:
             rule = engine.resolve(request.sampling_params.extra_args)  # validated already
+            if rule.needs_reference and self._vllm_align_lora_pair and request.lora_request is None:
+                raise AlignRequestError(
+                    f"alignment method {rule.method!r} on this engine needs an adapter: its "
+                    "aligned model is a request's LoRA adapter on the served model (the "
+                    "reference); name one (lora_request=LoRARequest(...) offline, the "
+                    "adapter's name as \"model\" served)", parameter="alignment")
             request.cache_salt = kv_cache_salt(request.cache_salt, rule.needs_reference)
             if request.sampling_params.prompt_logprobs is not None:
                 request.sampling_params.skip_reading_prefix_cache = True

@@ -9,7 +9,8 @@ stock loop is called with a stand-in for the hidden states
 request's row, so that the pair model applies that row's rule: DeRa's
 ``log_softmax(lam * h_aligned + (1 - lam) * h_ref)``, AAD's ``softmax(A)``
 over ``V_alpha`` (the distribution its sampled logprobs describe), the
-aligned model's for ``none``. Everything else (chunked prompts, the
+aligned model's for ``none``. The slices also carry the row's LoRA adapter,
+which the aligned LM head reads (``patches/lora_reference.py``). Everything else (chunked prompts, the
 returned tensors, logprobs modes) stays vLLM's.
 
 Prefix caching: vLLM skips the prefix-cache lookup of a request asking for
@@ -38,5 +39,6 @@ class PromptLogprobsPatch(VllmPatch):
         if state is None or not state.has_reference_model or not self.num_prompt_logprobs:
             return original(self, hidden_states, num_scheduled_tokens)
         num_reqs = self.input_batch.num_reqs
-        stand_in = PromptHidden(hidden_states, self.query_start_loc.np[: num_reqs + 1])
+        stand_in = PromptHidden(hidden_states, self.query_start_loc.np[: num_reqs + 1],
+                                self.input_batch.request_lora_mapping[:num_reqs])
         return original(self, stand_in, num_scheduled_tokens)

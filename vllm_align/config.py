@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 # Re-exported: the error and checks are ``vllm_align.checks``'s (shared with mara/).
@@ -168,6 +169,16 @@ class EngineAlignConfig:
                      default=default)
         config.check_servable(default, what="the default alignment")
         return config
+
+    def reference_is(self, served: str) -> bool:
+        """Whether ``reference_model`` names the served checkpoint itself: a LoRA pair,
+        whose aligned model is a request's adapter on the reference's weights."""
+        if self.reference_model is None:
+            return False
+        ref, model = Path(self.reference_model).expanduser(), Path(served).expanduser()
+        if ref.exists() and model.exists():
+            return ref.resolve() == model.resolve()
+        return self.reference_model.rstrip("/") == served.rstrip("/")
 
     def check_servable(self, params: AlignParams, what: str = "this request") -> None:
         """Refuse params this engine cannot honour (e.g. DeRa with no reference)."""

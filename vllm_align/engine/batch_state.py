@@ -41,10 +41,12 @@ class PromptSlice:
         hidden: [n, H_aligned + H_ref] the step's hidden states at n consecutive
             positions of the row's prompt.
         row: the row's persistent-batch index (the batch state's row).
+        lora_id: the row's LoRA adapter id (0: none).
     """
 
     hidden: torch.Tensor
     row: int
+    lora_id: int = 0
 
 
 class PromptHidden:
@@ -62,17 +64,20 @@ class PromptHidden:
         hidden: [T, H_aligned + H_ref] the step's hidden states.
         query_start_loc: [B + 1] host int, row b's tokens are
             ``query_start_loc[b]:query_start_loc[b + 1]`` of the step's T.
+        lora_ids: [B] host int, row b's LoRA adapter id (0: none).
     """
 
-    def __init__(self, hidden: torch.Tensor, query_start_loc: np.ndarray):
+    def __init__(self, hidden: torch.Tensor, query_start_loc: np.ndarray,
+                 lora_ids: np.ndarray):
         self.hidden = hidden
         self._row_ends = query_start_loc[1:]
+        self._lora_ids = lora_ids
 
     def __getitem__(self, index: slice) -> PromptSlice:
         start = index.start or 0
         # The row whose tokens start at ``start``: the first whose end lies past it.
         row = int(np.searchsorted(self._row_ends, start, side="right"))
-        return PromptSlice(self.hidden[index], row)
+        return PromptSlice(self.hidden[index], row, int(self._lora_ids[row]))
 
 
 class AlignBatchState(LogitsProcessor):

@@ -27,11 +27,18 @@ models' rows at once, so the reference logits cannot drift out of row order.
 The reference runs only over the tokens of rows whose rule reads it (DeRa,
 AAD; ``reference_rows.py``); its hidden states are zero elsewhere, and its
 logits are computed for those rows alone.
+
+LoRA: adapters apply to the aligned model (its modules are named
+``aligned.*``). With ``reference_model`` naming the served model itself, the
+pair is a LoRA pair: the reference runs on the aligned model's weights, held
+once (``lora_pair.py``), and a row's adapter makes its aligned model. The
+reference never reads an adapter (``patches/lora_reference.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -39,13 +46,17 @@ from transformers import AutoConfig
 from vllm.config import VllmConfig
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.models import ModelRegistry
+from vllm.model_executor.models.interfaces import SupportsLoRA
 from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 
 from vllm_align.config import EngineAlignConfig
 from vllm_align.engine.batch_state import PromptSlice
+from vllm_align.engine.lora_pair import aligned_lora_names, share_base_weights
 from vllm_align.engine.reference_rows import reference_forward_context
 from vllm_align.mara.agent import load_agent
 from vllm_align.patches.compiled_classes import own_compiled_classes
+from vllm_align.patches import lora_cpu_ops
+from vllm_align.patches.lora_reference import PinnedAdapter
 
 ARCH = "AlignedPairForCausalLM"
 # The two sub-models' prefixes: their parameters' and attention layers' names start so.
@@ -54,8 +65,11 @@ ALIGNED, REFERENCE = "aligned.", "reference."
 INNER_ARCH_ATTR = "vllm_align_inner_architectures"
 
 
-class AlignedPairForCausalLM(nn.Module):
+class AlignedPairForCausalLM(nn.Module, SupportsLoRA):
     """Aligned model + reference model of the same architecture, one forward."""
+
+    # Empty: vLLM's LoRA manager then gathers the sub-models' packed-module maps.
+    packed_modules_mapping: dict = {}
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -71,22 +85,36 @@ class AlignedPairForCausalLM(nn.Module):
                                  prefix=maybe_prefix(prefix, ALIGNED[:-1]))
         self.reference = None
         self._hidden_sizes = [hf_config.hidden_size]
+        # A LoRA pair: the reference is the served model's own weights.
+        self.shares_base = align.reference_is(model_config.model)
         if align.reference_model is not None:
-            ref_hf_config = AutoConfig.from_pretrained(
+            ref_hf_config = hf_config if self.shares_base else AutoConfig.from_pretrained(
                 align.reference_model, trust_remote_code=model_config.trust_remote_code)
             ref_config = vllm_config.with_hf_config(ref_hf_config, architectures=inner_archs)
+            ref_prefix = maybe_prefix(prefix, REFERENCE[:-1])
             with own_compiled_classes(model_cls, tag="Reference"):
-                self.reference = model_cls(vllm_config=ref_config,
-                                           prefix=maybe_prefix(prefix, REFERENCE[:-1]))
-            # vLLM's loader streams these after the served checkpoint, prefixed.
-            self.secondary_weights = [DefaultModelLoader.Source(
-                align.reference_model, revision=None, prefix=REFERENCE)]
+                self.reference = model_cls(vllm_config=ref_config, prefix=ref_prefix)
+            if self.shares_base:
+                share_base_weights(self.aligned, self.reference, ref_prefix + ".", vllm_config)
+            else:
+                # vLLM's loader streams these after the served checkpoint, prefixed.
+                self.secondary_weights = [DefaultModelLoader.Source(
+                    align.reference_model, revision=None, prefix=REFERENCE)]
             self._hidden_sizes.append(ref_hf_config.hidden_size)
+        if vllm_config.lora_config is not None:  # the served model's LoRA traits
+            lora_cpu_ops.enable()  # rows without an adapter get none (CPU ops)
+            for attr in ("embedding_modules", "is_3d_moe_weight", "is_non_gated_moe",
+                         "lora_skip_prefixes"):
+                setattr(self, attr, getattr(self.aligned, attr, getattr(SupportsLoRA, attr)))
+            self.hf_to_vllm_mapper = aligned_lora_names(
+                getattr(self.aligned, "hf_to_vllm_mapper", None), ALIGNED)
+        self._pinned = None  # made at first use, after vLLM's LoRA setup
         # MARA agents: float32, outside the module tree (they are not in the
         # checkpoint vLLM loads); a width mismatch refuses to start.
         self.agents = [load_agent(path, expected_hidden_size=hf_config.hidden_size).to(
             vllm_config.device_config.device) for path in align.mara_agents.values()]
         self.vllm_config = vllm_config
+        self.config = hf_config  # the served model's, as on vLLM's models (LoRA reads it)
         # The engine's AlignBatchState, bound by the runner before each step
         # (patches/model_runner.py); None in warm-up and profile runs before it.
         self.align_state = None
@@ -113,12 +141,14 @@ class AlignedPairForCausalLM(nn.Module):
         state = self.align_state
         plan = state.take_reference_plan() if state is not None else None
         if plan is None:  # every row reads it (or a warm-up / dummy run)
-            h_ref = self.reference(input_ids, positions, intermediate_tensors, None, **kwargs)
+            with self._lora(input_ids.shape[0]):
+                h_ref = self.reference(input_ids, positions, intermediate_tensors, None,
+                                       **kwargs)
             self.reference_tokens += h_ref.shape[0]
             return torch.cat([h_aligned, h_ref], dim=-1)
         h_ref = h_aligned.new_zeros(h_aligned.shape[0], self._hidden_sizes[1])
         if plan.tokens is not None:
-            with reference_forward_context(plan):
+            with reference_forward_context(plan), self._lora(len(plan.tokens)):
                 h_sub = self.reference(input_ids[plan.tokens], positions[..., plan.tokens],
                                        intermediate_tensors, None, **kwargs)
             h_ref.index_copy_(0, plan.tokens, h_sub)
@@ -140,8 +170,11 @@ class AlignedPairForCausalLM(nn.Module):
         if state is None or not state.take_sampling_call(hidden_states.shape[0]):
             return logits
         # Called on every tensor-parallel rank alike: it may gather across ranks.
-        ref_logits = (self.reference.compute_logits(h_ref[0][state.reference_rows])
-                      if state.needs_reference and self.reference is not None else None)
+        ref_logits = None
+        if state.needs_reference and self.reference is not None:
+            h = h_ref[0][state.reference_rows]
+            with self._lora(h.shape[0]):
+                ref_logits = self.reference.compute_logits(h)
         if logits is None:  # a tensor-parallel rank that does not sample
             return None
         out = state.apply_rule(logits, ref_logits)
@@ -152,17 +185,29 @@ class AlignedPairForCausalLM(nn.Module):
     def _prompt_logits(self, part: PromptSlice) -> torch.Tensor | None:
         """[n, H_aligned + H_ref] prompt positions of one row -> [n, V] its rule's logits."""
         h_aligned, *h_ref = part.hidden.split(self._hidden_sizes, dim=-1)
-        logits = self.aligned.compute_logits(h_aligned)
+        with self._lora(h_aligned.shape[0], part.lora_id):
+            logits = self.aligned.compute_logits(h_aligned)
         state = self.align_state
         if self.reference is None or state is None or not state.reads_reference(part.row):
             return logits
         # The row's reference hidden states were computed in this step's forward
         # (it reads the reference); every tensor-parallel rank decides alike.
-        ref_logits = self.reference.compute_logits(h_ref[0])
+        with self._lora(h_ref[0].shape[0]):
+            ref_logits = self.reference.compute_logits(h_ref[0])
         self.reference_prompt_positions += ref_logits.shape[0] if ref_logits is not None else 0
         if logits is None:
             return None
         return state.apply_row_rule(logits, ref_logits, part.row)
+
+    def _lora(self, num_tokens: int, lora_id: int = 0):
+        """The LoRA context of ``num_tokens`` tokens or rows all with adapter ``lora_id``
+        (0, the reference's: none); no context on an engine without LoRA."""
+        manager = getattr(self, "lora_manager", None)  # set by vLLM's LoRA manager
+        if manager is None:
+            return nullcontext()
+        if self._pinned is None:
+            self._pinned = PinnedAdapter(manager, self)
+        return self._pinned.over(num_tokens, lora_id)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         def route():
