@@ -244,3 +244,66 @@ def test_reference_model_naming_the_served_model_needs_lora(base):
     with pytest.raises(Exception, match="enable_lora"):
         LLM(model=base, additional_config={"align": {"reference_model": base}},
             dtype="float32", max_model_len=128, enforce_eager=True)
+
+
+def test_a_separate_reference_keeps_working_with_adapters(tiny_pair, base, adapters, hf_models,
+                                                           agent):
+    """reference_model=OTHER with LoRA: aligned = BASE + the row's adapter (BASE alone for a
+    row without one), reference = OTHER."""
+    from vllm import LLM
+
+    other = tiny_pair[0]
+    engine = LLM(model=base, enable_lora=True, max_lora_rank=RANK, max_loras=2,
+                 additional_config={"align": {"reference_model": other}},
+                 dtype="float32", max_model_len=256, max_num_seqs=4,
+                 max_num_batched_tokens=64, seed=0, enforce_eager=True)
+    rows = [(0, {"method": "dera", "lambda": 0.5}), (None, {"method": "dera", "lambda": 2.0}),
+            (1, {"method": "aad", "alpha": 0.1}), (None, {"method": "aad", "alpha": 0.1}),
+            (2, {"method": "none"}), (None, {"method": "none"})]
+    rng = random.Random(6)
+    prompts = [[rng.randrange(10, 1000) for _ in range(n)] for n in (70, 9, 30, 12, 20, 40)]
+    try:
+        outs = _generate(engine, adapters, rows, prompts)
+    finally:
+        del engine
+    reference = merged(other, None)
+    for (i, spec), prompt, out in zip(rows, prompts, outs):
+        assert list(out.outputs[0].token_ids) == hf_reference.generate(
+            hf_models[i], reference, prompt, spec, MAX_TOKENS, ignore_eos=True), (i, spec)
+
+
+def test_a_qwen2_lora_pair(tiny_pair, tmp_path_factory):
+    """The LoRA pair on a non-Llama architecture: Qwen2 (biased q/k/v projections, tied
+    embeddings, its own vLLM class), peft adapters, one mixed batch against HF + PEFT."""
+    from pathlib import Path
+
+    from vllm import LLM
+
+    from test_architectures import _qwen2
+    from vllm_align.mara.agent import random_agent, save_agent
+
+    d = tmp_path_factory.mktemp("qwen2-lora")
+    _qwen2(d / "base", Path(tiny_pair[0]), seed=0)
+    qwen = str(d / "base")
+    qwen_adapters = [make_adapter(qwen, d / f"dpo{i}", seed=20 + i) for i in range(2)]
+    qwen_agent = random_agent(128, seed=2, accept_bias=1.0)
+    agent_path = str(save_agent(qwen_agent, d / "agent.safetensors"))
+    engine = LLM(model=qwen, enable_lora=True, max_lora_rank=RANK, max_loras=1,
+                 additional_config={"align": {"reference_model": qwen,
+                                              "mara_agents": {"default": agent_path}}},
+                 dtype="float32", max_model_len=256, max_num_seqs=4,
+                 max_num_batched_tokens=64, seed=0, enforce_eager=True)
+    rows = [(0, {"method": "dera", "lambda": 2.0}), (1, {"method": "aad", "alpha": 0.1}),
+            (None, {"method": "none"}), (1, {"method": "mara", "top_k": 5}),
+            (0, {"method": "none"}), (1, {"method": "dera", "lambda": 0.5})]
+    rng = random.Random(7)
+    prompts = [[rng.randrange(10, 1000) for _ in range(n)] for n in (70, 20, 40, 30, 9, 15)]
+    try:
+        assert "Qwen2" in type(engine.llm_engine.model_config.hf_config).__name__
+        outs = _generate(engine, qwen_adapters, rows, prompts)
+    finally:
+        del engine
+    models = {None: merged(qwen, None), **{i: merged(qwen, a) for i, a in enumerate(qwen_adapters)}}
+    for (i, spec), prompt, out in zip(rows, prompts, outs):
+        assert list(out.outputs[0].token_ids) == _expected(
+            models, (qwen_agent, agent_path), i, spec, prompt), (i, spec)
