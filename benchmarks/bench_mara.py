@@ -58,7 +58,8 @@ def calibrated_agent(model_path: str, prompts, rate: float, path: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from vllm_align.mara.agent import calibrate_accept_bias, random_agent, save_agent
+    from vllm_align.mara.agent import save_agent
+    from vllm_align.toy.models import calibrate_accept_bias, random_agent
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     states = []
@@ -77,7 +78,8 @@ def calibrated_agent(model_path: str, prompts, rate: float, path: str):
 
 def flat_agent(hidden_size: int, rate: float, path: str):
     """An agent with P(accept) ≈ ``rate`` on every state (a tiny output scale)."""
-    from vllm_align.mara.agent import random_agent, save_agent
+    from vllm_align.mara.agent import save_agent
+    from vllm_align.toy.models import random_agent
 
     agent = random_agent(hidden_size, seed=0, accept_bias=math.log(rate / (1 - rate)),
                          logit_scale=1e-3)

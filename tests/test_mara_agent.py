@@ -11,7 +11,8 @@ import torch
 
 from vllm_align.config import AlignConfigError
 from vllm_align.mara.agent import (STATE_KEYS, AgentWidthError, MaraAgent, MaraAgentError,
-                                   calibrate_accept_bias, load_agent, random_agent, save_agent)
+                                   load_agent, save_agent)
+from vllm_align.toy.models import calibrate_accept_bias, random_agent
 
 D = 32  # a tiny LLM hidden size
 

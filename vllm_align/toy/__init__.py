@@ -1,14 +1,7 @@
-"""Small local checkpoints for tests, demos and benchmarks (no model hub).
+"""The toy world: small local checkpoints for the demo, the tests and the benchmarks.
 
-``vllm_align.toy.models`` trains a tokenizer on a built-in synthetic corpus
-and builds an aligned/reference Llama pair that shares it (random weights,
-for engine tests and benchmarks). ``vllm_align.toy.world`` trains a real
-SFT/DPO pair on a synthetic chat corpus with a politeness reward (the demo's
-and the alignment tests' "toy world").
+``corpus`` (the chat corpus), ``world`` (an SFT/DPO pair trained on it, the polite reward),
+``agent`` (the MARA agent trained on the SFT model), ``shipped`` (both as shipped in
+``assets/``), ``mara`` (the agent's runs through the engine), ``models`` (the tokenizer,
+the Llama builder, random-weight pairs and agents), ``cache`` (their stamped build cache).
 """
-
-from vllm_align.toy.models import build_llama_pair, synthetic_corpus, train_tokenizer
-from vllm_align.toy.world import ToyWorld, build_toy_world, polite_reward
-
-__all__ = ["ToyWorld", "build_llama_pair", "build_toy_world", "polite_reward",
-           "synthetic_corpus", "train_tokenizer"]
