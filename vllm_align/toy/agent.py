@@ -111,11 +111,15 @@ class ToyAgent:
     stats: dict  # episodes, transitions, updates, train_seconds
 
 
-def _agent_files(world_dir: Path) -> ToyAgent:
+def _agent_files(world_dir: Path) -> tuple[ToyAgent, Path, list[Path]]:
+    """The agent cached for ``world_dir`` (stats unread), its stamp, the files it vouches for."""
     out = world_dir / "mara-agent"
-    return ToyAgent(model=world_dir / "sft", trained=out / "agent.safetensors",
-                    untrained=out / "untrained.safetensors", metrics_csv=out / "metrics.csv",
-                    stats={})
+    agent = ToyAgent(model=world_dir / "sft", trained=out / "agent.safetensors",
+                     untrained=out / "untrained.safetensors", metrics_csv=out / "metrics.csv",
+                     stats={})
+    files = [agent.model / "model.safetensors", agent.trained, agent.untrained,
+             agent.metrics_csv]
+    return agent, out / "stamp.json", files
 
 
 def _agent_key(agent: ToyAgent, settings: ToySettings) -> dict:
@@ -123,19 +127,11 @@ def _agent_key(agent: ToyAgent, settings: ToySettings) -> dict:
             "model_sha256": sha256(agent.model / "model.safetensors")}
 
 
-def _stamped(agent: ToyAgent) -> tuple[Path, list[Path]]:
-    """The agent's stamp and the files it vouches for."""
-    return (agent.trained.parent / "stamp.json",
-            [agent.model / "model.safetensors", agent.trained, agent.untrained,
-             agent.metrics_csv])
-
-
 def read_toy_agent(world_dir: os.PathLike,
                    settings: ToySettings = ToySettings()) -> Optional[ToyAgent]:
     """The agent trained by ``toy_agent(world_dir, settings)``, or None if there is none
     for these settings and SFT weights (read-only: no lock, no training)."""
-    agent = _agent_files(Path(world_dir))
-    stamp, files = _stamped(agent)
+    agent, stamp, files = _agent_files(Path(world_dir))
     stats = read_stamp(stamp, _agent_key(agent, settings), files)
     return None if stats is None else dataclasses.replace(agent, stats=stats)
 
@@ -144,19 +140,16 @@ def toy_agent(world_dir: os.PathLike, settings: ToySettings = ToySettings(),
               *, log: Optional[Callable[[str], None]] = None) -> ToyAgent:
     """Train (or reuse) the toy agent, cached in ``world_dir/mara-agent``.
 
-    Like ``build_toy_world``: the directory is stamped with the settings, the
-    recipe version and the SFT weights' hash, so a changed recipe or a rebuilt
-    world retrains, and an identical call returns at once (``vllm_align.toy.cache``).
-    About 2 minutes on 2 idle CPU cores (after the world's own 1.5-2.5 minutes if it
-    is not built yet), byte for byte the same agent on a given machine. Only
-    the final checkpoint is kept. ``log`` receives progress lines (default:
-    silent; the trainer's own console lines go to stdout). The repository
-    ships one trained agent (``vllm_align.toy.shipped``).
+    Stamped with the settings, the recipe version and the SFT weights' hash: a changed
+    recipe or a rebuilt world retrains, an identical call returns at once. About 2 minutes
+    on 2 idle CPU cores (after the world's own build if it is not built yet), byte for byte
+    the same agent on a given machine; only the final checkpoint is kept. ``log`` receives
+    progress lines (default: silent; the trainer's console lines go to stdout).
     """
     log = log or (lambda line: None)
     world_dir = Path(world_dir)
     build_toy_world(world_dir, seed=0, log=log)
-    agent = _agent_files(world_dir)
+    agent, stamp, files = _agent_files(world_dir)
     out = agent.trained.parent
 
     def train() -> dict:
@@ -183,7 +176,6 @@ def toy_agent(world_dir: os.PathLike, settings: ToySettings = ToySettings(),
         return {"episodes": result.episodes, "transitions": result.transitions,
                 "updates": result.updates, "train_seconds": round(result.elapsed_s, 1)}
 
-    stamp, files = _stamped(agent)
     stats = build_once(stamp, _agent_key(agent, settings), files, train,
                        lock=world_dir / ".mara-agent.lock")
     return dataclasses.replace(agent, stats=stats)

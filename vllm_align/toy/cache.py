@@ -1,15 +1,11 @@
 """The one build cache of the toy tools: a stamped directory, built once under a file lock.
 
-A build (the toy world, the toy agent, a random Llama pair) is a directory with a
-``stamp.json`` holding ``{"key": ..., "stats": ...}``: the key says what was built (the
-recipe version and every argument), the stats what the build measured. A directory whose
-stamp records the asked-for key and holds the expected files is reused as it is; anything
-else is rebuilt. The stamp is removed before and written after a build, so an interrupted
-build is redone; a file lock makes concurrent builders (test workers) wait for one another
-instead of racing. Reading is lock-free and writes nothing (the shipped assets are read so).
-
-``cache_dir(name)`` is where the demo and the benchmarks keep their outputs:
-``./.cache/NAME`` under the current directory (gitignored in the repository).
+A build (the toy world, the toy agent, a random Llama pair) is a directory whose
+``stamp.json`` holds ``{"key": what was built (recipe version, arguments), "stats": what
+the build measured}``, reused while the key matches and its files exist. The stamp is
+removed before and written after a build, so an interrupted build is redone; a file lock
+makes concurrent builders (test workers) wait for one another. Reading takes no lock and
+writes nothing (the shipped assets are read so).
 """
 
 from __future__ import annotations
@@ -21,7 +17,7 @@ from typing import Callable, Iterable
 
 
 def cache_dir(name: str) -> Path:
-    """``./.cache/<name>`` under the current directory."""
+    """``./.cache/<name>`` under the current directory: the demo's and benchmarks' outputs."""
     return Path.cwd() / ".cache" / name
 
 

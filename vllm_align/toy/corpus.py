@@ -142,11 +142,8 @@ def compose(rng: random.Random, req: _Request, polite: Sequence[bool]) -> str:
 
 
 def draw_styles(rng: random.Random, req: _Request) -> list[bool]:
+    """Polite (True) or plain, per slot, drawn with the request's slot probabilities."""
     return [rng.random() < p for p in req.slot_probs()]
-
-
-def _response(rng: random.Random, req: _Request) -> str:
-    return compose(rng, req, draw_styles(rng, req))
 
 
 def split_requests(seed: int, num_eval: int) -> tuple[list[_Request], list[_Request]]:
@@ -161,7 +158,7 @@ def toy_corpus(num_examples: int, seed: int = 0, *,
     """``num_examples`` (prompt, response) pairs from the training requests."""
     train, _ = split_requests(seed, num_eval)
     rng = random.Random(seed + 1)
-    return [(req.text, _response(rng, req))
+    return [(req.text, compose(rng, req, draw_styles(rng, req)))
             for req in (rng.choice(train) for _ in range(num_examples))]
 
 

@@ -1,32 +1,23 @@
-"""Small local checkpoints, nothing downloaded: a tokenizer, the Llama builder, random models.
+"""Small local checkpoints, nothing downloaded: the tokenizer, the Llama builder, random models.
 
-* ``train_tokenizer``: a byte-level BPE with a chat template, trained on the toy corpus
-  (``vllm_align.toy.corpus``); the toy world's and the random pairs' tokenizers.
-* ``llama``: the one Llama config and construction, for the toy world, the random pairs
-  and the tests' small models.
-* ``build_llama_pair``: an aligned/reference pair with random weights, for engine tests and
-  benchmarks (``vllm-align toy-models``). ``reference/`` has weights drawn from ``seed``
-  (plays the SFT model); ``aligned/`` the same weights plus scaled Gaussian noise on the LM
-  head and on the last decoder layer's output projections (plays the DPO model).
-* ``random_agent`` / ``calibrate_accept_bias``: an untrained MARA agent with
-  state-dependent decisions, for engine tests and benchmarks.
+``train_tokenizer`` (a byte-level BPE with a chat template, trained on the toy corpus) and
+``llama`` (the one Llama config) build the toy world, the random pairs and the tests'
+small models. ``build_llama_pair`` (``vllm-align toy-models``) and ``random_agent`` make
+random-weight checkpoints for engine tests and benchmarks: ``reference/`` with weights drawn
+from ``seed`` plays the SFT model, ``aligned/`` (the same weights plus scaled Gaussian noise
+on the LM head and the last layer's ``o_proj``/``down_proj``) the DPO model. The noise on
+``lm_head`` changes which tokens are preferred everywhere, the last layer's makes the change
+depend on context; at ``aligned_noise=0.3`` the tiny pair's greedy choices agree on about
+half of the positions (next-token KL about 0.4 nats): DeRa/AAD change the output, and the
+top candidates overlap as AAD's ``V_alpha`` expects.
 
-Why this perturbation: the two models must be "the same model, nudged", as a real SFT/DPO
-pair is. Noise on ``lm_head`` changes which tokens are preferred at every position; noise
-on the last layer's ``o_proj``/``down_proj`` makes the change depend on context too. With
-``aligned_noise=0.3`` (noise std = 0.3 x the weight's own std) the tiny pair's greedy
-choices agree on about half of the positions, with a next-token KL of about 0.4 nats:
-DeRa/AAD change the output, and the top candidates overlap as AAD's ``V_alpha`` expects.
-
-Why a custom initialisation instead of Hugging Face's ``normal(0, 0.02)``: at 0.02 a small
-random model gives near-uniform attention and next-token distributions, so the output
-barely depends on the context (a KV cache bug would go unnoticed) and every token is
-nearly tied (greedy outputs would hinge on rounding). Linear weights are drawn from
-``normal(0, 1/sqrt(fan_in))``, embeddings from ``normal(0, 1)``, the LM head from
-``normal(0, logit_scale/sqrt(hidden))``: attention scores and logits have a spread of
-order 1 and ``logit_scale``, so distributions are peaked and depend on the whole prefix.
-Every draw uses its own ``torch.Generator`` in a fixed parameter order, so it does not
-change with the transformers version. Pairs are cached by ``vllm_align.toy.cache``.
+Why not Hugging Face's ``normal(0, 0.02)`` init: a small random model then has
+near-uniform attention and next-token distributions, so the output barely depends on the
+context (a KV cache bug would go unnoticed) and tokens are nearly tied (greedy outputs
+would hinge on rounding). Linear weights are ``normal(0, 1/sqrt(fan_in))``, embeddings
+``normal(0, 1)``, the LM head ``normal(0, logit_scale/sqrt(hidden))``: peaked distributions
+that depend on the whole prefix, drawn from our own ``torch.Generator`` in a fixed
+parameter order (the same whatever the transformers version).
 """
 
 from __future__ import annotations
@@ -69,11 +60,8 @@ _CODAS = ["", "", "n", "r", "s", "l", "m", "th", "nd", "rk"]
 
 
 def _tokenizer_corpus(vocab_size: int) -> list[str]:
-    """The toy corpus, plus made-up words when ``vocab_size`` needs more merges than it has.
-
-    The corpus has a few hundred distinct words, which BPE exhausts after a few hundred
-    merges; about one pronounceable made-up word per 1.5 requested tokens fills the rest.
-    """
+    """The toy corpus and made-up words: its few hundred distinct words run out of BPE merges
+    early; about one pronounceable made-up word per 1.5 requested tokens fills the rest."""
     rng = random.Random(0)
     words: set[str] = set()
     while len(words) < max(300, (2 * vocab_size) // 3):
@@ -89,14 +77,10 @@ def train_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 1024,
                     max_length: int = DEFAULT_MAX_POSITIONS):
     """Train a byte-level BPE tokenizer and save it as a ``PreTrainedTokenizerFast``.
 
-    Ids 0..6 are ``<unk> <s> </s> <pad> <|system|> <|user|> <|assistant|>``;
-    every byte is in the base alphabet, so any text encodes without ``<unk>``.
-    Encoding prepends ``<s>``; decoding is lossless. A chat template renders
-    ``<s><|role|>\\ncontent</s>\\n`` per message.
-
-    If the corpus runs out of merges before ``vocab_size``, the vocabulary is
-    filled with ``<|reserved_N|>`` tokens, so ``len(tokenizer) == vocab_size``
-    always (the model's embedding rows then all decode to something).
+    Ids 0..6 are ``<unk> <s> </s> <pad> <|system|> <|user|> <|assistant|>``; every byte is
+    in the base alphabet (no ``<unk>``); encoding prepends ``<s>``, decoding is lossless; the
+    chat template renders ``<s><|role|>\\ncontent</s>\\n`` per message. A corpus that runs
+    out of merges is topped up with ``<|reserved_N|>`` tokens: ``len(tokenizer) == vocab_size``.
 
     Args:
         out_dir: where tokenizer.json / tokenizer_config.json are written.
@@ -109,10 +93,9 @@ def train_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 1024,
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    min_vocab = 256 + len(SPECIAL_TOKENS)
     if vocab_size < 512:
         raise ValueError(f"vocab_size must be at least 512 (byte alphabet + specials "
-                         f"= {min_vocab}), got {vocab_size}")
+                         f"= {256 + len(SPECIAL_TOKENS)}), got {vocab_size}")
     if corpus is None:
         corpus = _tokenizer_corpus(vocab_size)
 
@@ -159,9 +142,8 @@ def llama(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
           intermediate_size: int, max_positions: int, tokenizer=None, **config: Any):
     """An untrained float32 ``LlamaForCausalLM`` (Hugging Face's init; callers draw their own).
 
-    Head size ``hidden_size / num_heads``, as many KV heads as heads and untied embeddings
-    unless ``config`` (more ``LlamaConfig`` fields) says otherwise. With ``tokenizer`` the
-    BOS/EOS/PAD ids and the generation config are its own.
+    Head size ``hidden_size / num_heads``, as many KV heads as heads, untied embeddings, unless
+    ``config`` (``LlamaConfig`` fields) says otherwise; BOS/EOS/PAD ids from ``tokenizer``.
     """
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -179,11 +161,6 @@ def llama(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
     if tokenizer is not None:
         model.generation_config = GenerationConfig(**ids)
     return model
-
-
-def _default_intermediate(hidden_size: int) -> int:
-    """Llama's ~8/3 x hidden MLP width, rounded up to a multiple of 64."""
-    return 64 * math.ceil(8 * hidden_size / 3 / 64)
 
 
 def _init_weights(model, seed: int, logit_scale: float) -> None:
@@ -209,11 +186,8 @@ def _init_weights(model, seed: int, logit_scale: float) -> None:
                 raise AssertionError(f"unexpected parameter {name} {tuple(p.shape)}")
 
 
-def _perturb(model, seed: int, scale: float) -> list[str]:
-    """Add ``scale * std(W) * N(0, 1)`` to the LM head and last layer's outputs.
-
-    Returns the names of the perturbed parameters.
-    """
+def _perturb(model, seed: int, scale: float) -> None:
+    """Add ``scale * std(W) * N(0, 1)`` to the LM head and last layer's outputs."""
     import torch
 
     last = model.config.num_hidden_layers - 1
@@ -228,7 +202,6 @@ def _perturb(model, seed: int, scale: float) -> list[str]:
         for name in names:
             p = params[name]
             p.add_(torch.randn(p.shape, generator=gen) * (scale * p.std().item()))
-    return names
 
 
 def build_llama_pair(out_dir: str | os.PathLike, *, hidden_size: int = 256,
@@ -236,21 +209,18 @@ def build_llama_pair(out_dir: str | os.PathLike, *, hidden_size: int = 256,
                      intermediate_size: int | None = None, vocab_size: int = 1024,
                      seed: int = 0, aligned_noise: float = 0.3, logit_scale: float = 3.0,
                      max_position_embeddings: int = DEFAULT_MAX_POSITIONS) -> tuple[str, str]:
-    """Build (or reuse) an aligned/reference ``LlamaForCausalLM`` pair.
+    """Build (or reuse: ``vllm_align.toy.cache``) an aligned/reference ``LlamaForCausalLM`` pair.
 
-    Layout: ``out_dir/aligned``, ``out_dir/reference`` (each a full HF
-    checkpoint, float32 safetensors, with the shared tokenizer) and
-    ``out_dir/stamp.json`` recording the arguments.
-
-    Sizes: the defaults make a ~2M-parameter model that builds in about a
-    second; ``hidden_size=1024, num_layers=8, num_heads=16, vocab_size=8192``
-    makes the ~120M-parameter benchmark model.
+    Layout: ``out_dir/aligned``, ``out_dir/reference`` (full float32 HF checkpoints with the
+    shared tokenizer), ``out_dir/stamp.json``. The defaults make a ~2M-parameter model built
+    in about a second; ``hidden_size=1024, num_layers=8, num_heads=16, vocab_size=8192`` the
+    ~120M-parameter benchmark model.
 
     Args:
         hidden_size, num_heads: ``hidden_size / num_heads`` must be 64 (vLLM's
             CPU attention kernels reject small head sizes such as 16).
         num_layers: decoder layers.
-        intermediate_size: MLP width; default ~8/3 x hidden.
+        intermediate_size: MLP width; default Llama's ~8/3 x hidden, a multiple of 64.
         vocab_size: tokenizer and embedding size (exactly equal).
         seed: weights of the reference model; the aligned noise derives from it.
         aligned_noise: relative noise std for the aligned model (0 = identical).
@@ -266,7 +236,7 @@ def build_llama_pair(out_dir: str | os.PathLike, *, hidden_size: int = 256,
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     if not (math.isfinite(aligned_noise) and aligned_noise >= 0):
         raise ValueError(f"aligned_noise must be a finite number >= 0, got {aligned_noise}")
-    intermediate_size = intermediate_size or _default_intermediate(hidden_size)
+    intermediate_size = intermediate_size or 64 * math.ceil(8 * hidden_size / 3 / 64)
 
     out = Path(out_dir)
     aligned_dir, reference_dir = out / "aligned", out / "reference"
@@ -302,18 +272,15 @@ def build_llama_pair(out_dir: str | os.PathLike, *, hidden_size: int = 256,
 
 def random_agent(hidden_size: int, seed: int = 0, accept_bias: float = 0.0, *,
                  logit_scale: float = 4.0, widths: tuple[int, int] | None = None):
-    """An untrained agent whose decisions depend clearly on the state.
+    """An untrained ``mara.agent.MaraAgent`` ([N, hidden_size] states) whose decisions depend
+    clearly on the state.
 
-    Linear weights are drawn ``normal(0, sqrt(2 / fan_in))`` (He; keeps the
-    ReLU activations of order 1) and the output layer
-    ``normal(0, logit_scale / sqrt(fan_in))``, so the accept-minus-reject
-    logit has a spread of about ``logit_scale`` over states and few decisions
-    sit near P(accept) = 0.5 (near-ties would make conformance tests hinge on
-    rounding). Biases are zero except the output's, ``[0, accept_bias]``:
-    a positive ``accept_bias`` makes the agent accept more often. Use
-    ``calibrate_accept_bias`` to hit a target acceptance rate on real states.
-    The draw uses its own generator; the global RNG is untouched. ``widths``: the trunk's
-    (default the released ``mara.agent.WIDTHS``). Returns a ``mara.agent.MaraAgent``.
+    Linear weights ``normal(0, sqrt(2 / fan_in))`` (He: ReLU activations of order 1), the
+    output layer's ``normal(0, logit_scale / sqrt(fan_in))``: the accept-minus-reject logit
+    spreads by about ``logit_scale`` over states and few decisions sit near P(accept) = 0.5
+    (near-ties would make conformance tests hinge on rounding). Biases are zero but the
+    output's ``[0, accept_bias]`` (positive: accepts more often). ``widths`` default: the
+    released ``mara.agent.WIDTHS``. Its own generator: the global RNG is untouched.
     """
     import torch
 
@@ -330,36 +297,3 @@ def random_agent(hidden_size: int, seed: int = 0, accept_bias: float = 0.0, *,
             layer.bias.zero_()
         agent.output_linear.bias[ACCEPT] = float(accept_bias)
     return agent.eval().requires_grad_(False)
-
-
-def calibrate_accept_bias(agent, states, rate: float,
-                          threshold: float = 0.5) -> float:
-    """Set the accept bias so that about ``rate`` of ``states`` get P(accept) > threshold.
-
-    Args:
-        agent: a ``mara.agent.MaraAgent``, modified in place (``output_linear.bias[1]``).
-        states: [N, d] sample of the states the agent will see, e.g. the LLM's
-            final hidden states after feeding first candidates.
-        rate: target fraction in (0, 1).
-        threshold: the greedy decision threshold in (0, 1).
-    Returns:
-        The new accept bias. With m = l_accept − l_reject before the accept
-        bias, P(accept) > t ⇔ m + b > logit(t); b is set so that logit(t) − b
-        is the (1 − rate)-quantile of m over ``states``.
-    """
-    if not 0.0 < rate < 1.0:
-        raise ValueError(f"rate must be in (0, 1), got {rate!r}")
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
-    import torch
-
-    from vllm_align.mara.agent import ACCEPT, REJECT
-
-    with torch.no_grad():
-        bias = agent.output_linear.bias
-        logits = agent.logits(states.to(torch.float32))
-        margin = logits[:, ACCEPT] - logits[:, REJECT] - bias[ACCEPT]
-        cut = math.log(threshold / (1.0 - threshold))
-        new = cut - float(torch.quantile(margin.double(), 1.0 - rate))
-        bias[ACCEPT] = new
-    return new

@@ -1,16 +1,11 @@
-"""The toy world and its trained MARA agent as shipped in the repository.
+"""The toy world and its trained MARA agent as shipped in the repository (read, never written).
 
-``assets/`` (next to this file, installed as package data, ~7.6 MB) is a
-built toy world (``vllm_align.toy.world``: the SFT and DPO models with their
-tokenizer) with the SAC-trained toy agent (``vllm_align.toy.agent``) and the
-same run's untrained actor, exactly as ``build_toy_world`` and ``toy_agent``
-lay them out, stamps included. They are the demo's and the tests' default
-models, so neither builds nor trains anything before decoding; they are only
-read, never written.
-
-They are made by the project's own recipe; ``make toy-assets`` (``tools/toy_assets.py``,
-about 4 minutes on 2 CPU cores) rebuilds them elsewhere and says whether the recipe
-still reproduces them byte for byte.
+``assets/`` (next to this file, installed as package data, ~7.6 MB) is a built toy world
+(``vllm_align.toy.world``) with the SAC-trained toy agent (``vllm_align.toy.agent``) and the
+same run's untrained actor, laid out as ``build_toy_world`` and ``toy_agent`` lay them out,
+stamps included: the demo's and the tests' default models. ``make toy-assets``
+(``tools/toy_assets.py``, about 4 minutes on 2 CPU cores) rebuilds them elsewhere and says
+whether the recipe still reproduces them byte for byte.
 """
 
 from __future__ import annotations

@@ -1,32 +1,26 @@
 """An offline "toy world" for decoding-time alignment: an SFT model, a DPO model, a reward.
 
-Everything is built locally from fixed seeds, in 1.5 to 2.5 minutes on 2 CPU cores:
+Built locally from fixed seeds, in 1.5 to 2.5 minutes on 2 CPU cores:
 
-1. **Corpus.** Chat requests about a topic and answers whose slots are polite or plain
+1. **Corpus.** Chat requests about a topic, answers whose slots are polite or plain
    (``vllm_align.toy.corpus``).
-2. **SFT.** A tiny ``LlamaForCausalLM`` (hidden 128, 2 heads of 64, 2 layers,
-   a 512-token byte-level BPE trained on the corpus) learns the answers given
-   the chat prompt: plain PyTorch AdamW on the answer tokens.
-3. **DPO.** Initialised from SFT, trained with the standard DPO loss
-   (``beta = 0.1``) against the frozen SFT model on preference pairs drawn
-   from the corpus distribution (the one SFT was fitted to): two answers to
-   the same request with the same content and independently drawn slot
-   styles, labelled by ``polite_reward``; chosen = the higher reward, ties
-   dropped. The training is deliberately light (implicit-reward margin about
-   0.1): greedy DPO is clearly more polite than SFT but far from saturated,
-   which leaves room for DeRa's lambda > 1 and for AAD. Much stronger DPO on
-   these pairs (lr 1e-4, 150 steps) collapses the model into degenerate text.
-4. **Reward.** ``polite_reward(text)`` = fraction of the words that are in
-   ``POLITE``.
+2. **SFT.** A tiny ``LlamaForCausalLM`` (hidden 128, 2 heads of 64, 2 layers, a 512-token
+   byte-level BPE trained on the corpus) learns the answers given the chat prompt: plain
+   PyTorch AdamW on the answer tokens.
+3. **DPO.** Initialised from SFT, trained with the standard DPO loss (``beta = 0.1``)
+   against the frozen SFT model on preference pairs from the corpus distribution: two
+   answers to one request with the same content and independently drawn slot styles,
+   chosen = the higher ``polite_reward``, ties dropped. Deliberately light (implicit-reward
+   margin about 0.1): greedy DPO is clearly more polite than SFT but far from saturated,
+   which leaves room for DeRa's lambda > 1 and for AAD; much stronger DPO on these pairs
+   (lr 1e-4, 150 steps) collapses the model into degenerate text.
+4. **Reward.** ``polite_reward(text)`` = fraction of the words that are in ``POLITE``.
 
-``build_toy_world(out_dir)`` writes ``out_dir/sft`` and ``out_dir/dpo`` (float32
-safetensors checkpoints with the tokenizer and its chat template), stamped and reused
-(``vllm_align.toy.cache``).
-
-Measured through the vLLM engine on the 64 held-out prompts (greedy, 96 tokens,
-seeds 0-3; mean reward): DeRa lambda 0 (= SFT) 0.02-0.04, 0.5: 0.04-0.07,
+``build_toy_world(out_dir)`` writes ``out_dir/sft`` and ``out_dir/dpo`` (float32 HF
+checkpoints with the tokenizer and its chat template), stamped and reused
+(``vllm_align.toy.cache``). Measured through the engine on the 64 held-out prompts (greedy,
+96 tokens, seeds 0-3; mean reward): DeRa lambda 0 (= SFT) 0.02-0.04, 0.5: 0.04-0.07,
 1 (= DPO) 0.08-0.09, 1.5: 0.12-0.13, 2: 0.15-0.17; AAD alpha 0.1: 0.17-0.19.
-Build: about 75 s on 2 idle cores, 135 s with the machine under load.
 """
 
 from __future__ import annotations
@@ -49,9 +43,7 @@ from vllm_align.toy.models import EOS, PAD, llama, save_tokenizer, train_tokeniz
 # Bump when anything below changes what gets built, so stale builds are redone.
 RECIPE_VERSION = 1
 
-POLITE = frozenset({"please", "thank", "thanks", "kindly", "glad", "happy", "welcome",
-                    "sorry"})
-
+POLITE = frozenset({"please", "thank", "thanks", "kindly", "glad", "happy", "welcome", "sorry"})
 _WORD = re.compile(r"[a-z]+")
 
 
@@ -70,9 +62,8 @@ def polite_reward(response: str) -> float:
 def polite_count(prompt: str, response: str) -> float:
     """R(x, y) = number of polite words in the response (what the toy agent is trained on).
 
-    Not the fraction: a fraction can be raised by ending the answer early, and
-    an agent trained on it learns exactly that (``Happy to help.</s>``).
-    """
+    Not the fraction: ending the answer early raises a fraction, and an agent trained on it
+    learns exactly that (``Happy to help.</s>``)."""
     return float(polite_words(response)[0])
 
 
@@ -81,10 +72,6 @@ def polite_pair_reward(prompt: str, response: str) -> float:
     ``--reward vllm_align.toy.world:polite_pair_reward``."""
     return polite_reward(response)
 
-
-# ---------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class _Recipe:
@@ -261,9 +248,7 @@ def _build(out: Path, recipe: _Recipe, log) -> dict:
         torch.set_num_threads(threads)
     done = time.monotonic()
     return {"sft_loss": round(sft_loss, 4),
-            "dpo_loss": round(dpo_stats["loss"], 4),
-            "dpo_accuracy": round(dpo_stats["accuracy"], 4),
-            "dpo_margin": round(dpo_stats["margin"], 4),
+            **{f"dpo_{k}": round(dpo_stats[k], 4) for k in ("loss", "accuracy", "margin")},
             "sft_seconds": round(sft_done - started, 1),
             "build_seconds": round(done - started, 1)}
 
@@ -281,10 +266,6 @@ def _save(model, tokenizer, path: Path) -> None:
     save_tokenizer(tokenizer, path)
 
 
-# ---------------------------------------------------------------------------
-# Public entry point
-# ---------------------------------------------------------------------------
-
 @dataclasses.dataclass
 class ToyWorld:
     """A built toy world: checkpoints, held-out prompts and the rule reward."""
@@ -295,11 +276,8 @@ class ToyWorld:
     reward: Callable[[str], float] = polite_reward
     stats: dict = dataclasses.field(default_factory=dict)
 
-    def prompt_token_ids(self, tokenizer=None) -> list[list[int]]:
-        """Chat-formatted token ids of ``prompts`` (see ``encode_prompt``)."""
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(self.sft_path)
+    def prompt_token_ids(self, tokenizer) -> list[list[int]]:
+        """Chat-formatted token ids of ``prompts`` (``corpus.encode_prompt``), one list each."""
         return [encode_prompt(tokenizer, p) for p in self.prompts]
 
 
@@ -333,13 +311,9 @@ def build_toy_world(out_dir: str | os.PathLike, seed: int = 0, *,
                     log: Callable[[str], None] | None = None) -> ToyWorld:
     """Build (or reuse) the toy world under ``out_dir`` and describe it.
 
-    Layout: ``out_dir/sft``, ``out_dir/dpo`` (HF checkpoints, float32
-    safetensors, tokenizer with chat template), ``out_dir/stamp.json``.
-    Byte for byte deterministic in ``seed`` on a given machine (checked: two
-    builds, one under load, same hashes); 1.5 to 2.5 minutes on 2 CPU cores
-    the first time, instant afterwards. ``log`` receives training progress
-    lines (default: silent). The repository ships one built world
-    (``vllm_align.toy.shipped``); this builds another.
+    Byte for byte deterministic in ``seed`` on a given machine (checked: two builds, one
+    under load, same hashes); 1.5 to 2.5 minutes on 2 CPU cores the first time, instant
+    afterwards. ``log`` receives training progress lines (default: silent).
     """
     out = Path(out_dir)
 
