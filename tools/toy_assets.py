@@ -1,6 +1,6 @@
 """Rebuild the shipped toy world and MARA agent; say whether the recipe still reproduces them.
 
-A developer tool (``make toy-assets OUT=DIR``; about 4 minutes on 2 CPU cores)::
+A developer tool (``make toy-assets TOY_ASSETS_OUT=DIR``; about 4 minutes on 2 CPU cores)::
 
     python tools/toy_assets.py OUT_DIR                 # build in OUT_DIR, compare, change nothing
     python tools/toy_assets.py OUT_DIR --write DEST    # ... and copy the shipped set into DEST
