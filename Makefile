@@ -55,9 +55,12 @@ demo: venv
 bench: venv
 	$(PY) benchmarks/bench_align.py
 
-# Rebuild the shipped toy world and agent; says whether the recipe reproduces them.
+# Rebuild the shipped toy world and agent in $(TOY_ASSETS_OUT) (reused if built there); says
+# whether the recipe reproduces the shipped files. Writes only there; TOY_ASSETS_ARGS="--write
+# DIR" also copies the shipped set into DIR (vllm_align/toy/assets to update a checkout's).
+TOY_ASSETS_OUT ?= .cache/toy-assets
 toy-assets: venv
-	$(PY) -m vllm_align.cli.main toy-assets $(TOY_ASSETS_ARGS)
+	$(PY) tools/toy_assets.py $(TOY_ASSETS_OUT) $(TOY_ASSETS_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LMEVAL_VENV) build *.egg-info .pytest_cache $(SHIM)/build $(SHIM)/*.egg-info

@@ -49,6 +49,39 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
+def calibrate_accept_bias(agent, states, rate: float,
+                          threshold: float = 0.5) -> float:
+    """Set the accept bias so that about ``rate`` of ``states`` get P(accept) > threshold.
+
+    Args:
+        agent: a ``mara.agent.MaraAgent``, modified in place (``output_linear.bias[1]``).
+        states: [N, d] sample of the states the agent will see, e.g. the LLM's
+            final hidden states after feeding first candidates.
+        rate: target fraction in (0, 1).
+        threshold: the greedy decision threshold in (0, 1).
+    Returns:
+        The new accept bias. With m = l_accept − l_reject before the accept
+        bias, P(accept) > t ⇔ m + b > logit(t); b is set so that logit(t) − b
+        is the (1 − rate)-quantile of m over ``states``.
+    """
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"rate must be in (0, 1), got {rate!r}")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+    import torch
+
+    from vllm_align.mara.agent import ACCEPT, REJECT
+
+    with torch.no_grad():
+        bias = agent.output_linear.bias
+        logits = agent.logits(states.to(torch.float32))
+        margin = logits[:, ACCEPT] - logits[:, REJECT] - bias[ACCEPT]
+        cut = math.log(threshold / (1.0 - threshold))
+        new = cut - float(torch.quantile(margin.double(), 1.0 - rate))
+        bias[ACCEPT] = new
+    return new
+
+
 def calibrated_agent(model_path: str, prompts, rate: float, path: str):
     """A random agent whose accept bias gives ``rate`` first-candidate accepts.
 
@@ -58,7 +91,8 @@ def calibrated_agent(model_path: str, prompts, rate: float, path: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from vllm_align.mara.agent import calibrate_accept_bias, random_agent, save_agent
+    from vllm_align.mara.agent import save_agent
+    from vllm_align.toy.models import random_agent
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     states = []
@@ -77,7 +111,8 @@ def calibrated_agent(model_path: str, prompts, rate: float, path: str):
 
 def flat_agent(hidden_size: int, rate: float, path: str):
     """An agent with P(accept) ≈ ``rate`` on every state (a tiny output scale)."""
-    from vllm_align.mara.agent import random_agent, save_agent
+    from vllm_align.mara.agent import save_agent
+    from vllm_align.toy.models import random_agent
 
     agent = random_agent(hidden_size, seed=0, accept_bias=math.log(rate / (1 - rate)),
                          logit_scale=1e-3)

@@ -68,12 +68,11 @@ def peaked_tiny_llama(hidden: int = 64, vocab: int = 96):
     import math
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                      head_dim=32, max_position_embeddings=128, tie_word_embeddings=False)
-    m = LlamaForCausalLM(cfg).eval()
+    from vllm_align.toy.models import llama
+
+    m = llama(vocab, hidden, num_layers=2, num_heads=2, intermediate_size=128,
+              max_positions=128, num_key_value_heads=1).eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in m.named_parameters():

@@ -71,7 +71,8 @@ def client(url: str) -> openai.OpenAI:
 def agent_file(tiny_pair, path: Path, width_delta: int = 0) -> tuple[object, str]:
     from transformers import AutoConfig
 
-    from vllm_align.mara.agent import random_agent, save_agent
+    from vllm_align.mara.agent import save_agent
+    from vllm_align.toy.models import random_agent
 
     hidden = AutoConfig.from_pretrained(tiny_pair[0]).hidden_size + width_delta
     agent = random_agent(hidden, seed=1)

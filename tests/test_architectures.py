@@ -72,7 +72,8 @@ def qwen_pair(tiny_pair, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def agent(qwen_pair, tmp_path_factory):
-    from vllm_align.mara.agent import random_agent, save_agent
+    from vllm_align.mara.agent import save_agent
+    from vllm_align.toy.models import random_agent
 
     made = random_agent(128, seed=2, accept_bias=1.0)
     return made, str(save_agent(made, tmp_path_factory.mktemp("agent") / "a.safetensors"))

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from vllm_align.data.prompts import load_prompts
-from vllm_align.mara.agent import random_agent
 from vllm_align.toy import shipped
 from vllm_align.toy.agent import train_records
+from vllm_align.toy.models import random_agent
 from vllm_align.train.engine_rollout import EngineRollout
 from vllm_align.train.rollout import HFRollout, RolloutSpec, load_causal_lm
 

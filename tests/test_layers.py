@@ -15,8 +15,8 @@ Layers, lowest first; a module may import its own layer or lower ones:
 1. the engine: ``engine/``, ``patches/`` and the plugin entry point ``vllm_align``
 2. the data tools: ``data/`` (prompt sets, reward scorers, generate-pairs, sweep, eval)
 3. the trainer: ``train/``
-4. the toy world and its demo: ``toy/``
-5. the command line: ``cli/``
+4. the toy world: ``toy/``
+5. the command line and the demo: ``cli/``
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ from vllm import LLM, SamplingParams, TokensPrompt
 import hf_mara_reference
 import hf_reference
 from vllm_align.engine.stats import mara_stats
-from vllm_align.mara.agent import random_agent, save_agent
+from vllm_align.mara.agent import save_agent
+from vllm_align.toy.models import random_agent
 
 MAX_NUM_SEQS, STEP_BUDGET, NUM_BLOCKS = 4, 64, 12
 MAX_TOKENS = 12

@@ -17,8 +17,8 @@ from conftest import peaked_tiny_llama
 import torch
 
 import hf_mara_reference
-from vllm_align.mara.agent import random_agent
 from vllm_align.mara.rules import candidate_set, walk_decisions
+from vllm_align.toy.models import random_agent
 
 HIDDEN, VOCAB = 64, 96
 

@@ -28,7 +28,8 @@ def setup(tiny_pair, tmp_path_factory):
     """(prompts path, {name: agent path}, argv builder)."""
     from transformers import AutoConfig
 
-    from vllm_align.mara.agent import random_agent, save_agent
+    from vllm_align.mara.agent import save_agent
+    from vllm_align.toy.models import random_agent
 
     d = tmp_path_factory.mktemp("pairs-mara")
     hidden = AutoConfig.from_pretrained(tiny_pair[0]).hidden_size

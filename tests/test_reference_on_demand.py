@@ -14,7 +14,8 @@ from vllm import LLM, SamplingParams, TokensPrompt
 
 import hf_mara_reference
 import hf_reference
-from vllm_align.mara.agent import random_agent, save_agent
+from vllm_align.mara.agent import save_agent
+from vllm_align.toy.models import random_agent
 
 NUM_BLOCKS, BLOCK = 12, 32
 

@@ -22,6 +22,7 @@ import pytest
 from vllm_align.cli.main import main
 from vllm_align.toy import shipped
 from vllm_align.toy import world as toy
+from vllm_align.toy.corpus import chat_messages
 
 REWARD = "vllm_align.toy.world:polite_pair_reward"
 GRID = [("dera", 0.0), ("dera", 0.5), ("dera", 1.0), ("dera", 2.0), ("aad", 0.1)]
@@ -35,7 +36,7 @@ def world() -> toy.ToyWorld:
 @pytest.fixture(scope="module")
 def prompts_file(world, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("sweep-in") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"id": f"p{i}", "messages": toy.chat_messages(p)}) + "\n"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "messages": chat_messages(p)}) + "\n"
                             for i, p in enumerate(world.prompts)))
     return path
 
@@ -98,7 +99,7 @@ def test_csv_rows_follow_the_grid_and_equal_the_reward_of_the_responses(sweep, w
 
     tok = AutoTokenizer.from_pretrained(world.dpo_path)
     assert tokenizer_prompts[0] == tok.apply_chat_template(
-        toy.chat_messages(world.prompts[0]), tokenize=False, add_generation_prompt=True)
+        chat_messages(world.prompts[0]), tokenize=False, add_generation_prompt=True)
 
 
 def test_reward_rises_with_lambda_and_aad_beats_dpo(sweep):

@@ -5,7 +5,7 @@ world's SFT model to write polite words into 16-token responses), as shipped
 in ``vllm_align/toy/assets/`` (test_train_learns.py trains one from scratch
 and checks that it learns). Here it is loaded into a real ``vllm.LLM`` serving the SFT model, with
 the same run's untrained actor as a second agent, and one ``generate`` call
-decodes the 64 held-out prompts every way in ``vllm_align.toy.mara.RUNS``
+decodes the 64 held-out prompts every way in ``vllm_align.cli.demo_runs.RUNS``
 (16 tokens, top-k 40 / top-p 0.95; sampled runs 4 times). Asserted:
 
 * MARA with the trained agent and sampled decisions (the policy SAC
@@ -48,10 +48,11 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_align.toy import mara as toy_mara
+from toy_eval import evaluate_agent
+from vllm_align.cli import demo_runs as toy_mara
 from vllm_align.toy import shipped
 from vllm_align.toy import world as toy
-from vllm_align.toy.agent import ToySettings, evaluate_agent
+from vllm_align.toy.agent import ToySettings
 from vllm_align.toy.world import polite_count
 
 MARGIN_WORDS, MARGIN_FRACTION = 0.2, 0.035

@@ -128,7 +128,7 @@ def test_build_is_idempotent_and_deterministic(pair_paths, tmp_path):
     # Other arguments in the same directory: rebuilt, stamp updated.
     build_llama_pair(tmp_path / "again", seed=1)
     stamp = json.loads((tmp_path / "again" / "stamp.json").read_text())
-    assert stamp["seed"] == 1
+    assert stamp["key"]["seed"] == 1
     with open(os.path.join(pair_paths[1], "model.safetensors"), "rb") as f1, \
             open(os.path.join(again[1], "model.safetensors"), "rb") as f2:
         assert f1.read() != f2.read()

@@ -13,11 +13,12 @@ Neighbouring values differ by about 0.02 or more: some 25 of the 256 polite/plai
 slot choices (4 per answer) would have to go the other way to break an order.
 
 The world is the one shipped in the repository (``vllm_align.toy.shipped``,
-what ``make demo`` decodes); ``vllm-align toy-assets`` rebuilds it.
+what ``make demo`` decodes); ``make toy-assets`` rebuilds it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import statistics
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_align.toy import shipped
+from vllm_align.cli.demo_runs import Run, decode_runs
+from vllm_align.toy import corpus, shipped
 from vllm_align.toy import world as toy
 
 LAMBDAS = (0.0, 0.5, 1.0, 2.0)
@@ -49,8 +51,9 @@ def outputs(world):
     llm = LLM(model=world.dpo_path, dtype="float32", max_model_len=256, seed=0, enforce_eager=True,
               additional_config={"align": {"reference_model": world.sft_path}})
     try:
-        yield toy.generate_by_method(llm, world.prompt_token_ids(llm.get_tokenizer()),
-                                     METHODS, max_tokens=96)
+        runs = {name: Run(spec, sampled=False, label=name) for name, spec in METHODS.items()}
+        yield {name: reps[0] for name, reps in decode_runs(
+            llm, world.prompt_token_ids(llm.get_tokenizer()), runs, max_tokens=96).items()}
     finally:
         del llm
 
@@ -70,11 +73,11 @@ def test_polite_reward():
 
 
 def test_eval_prompts_are_held_out():
-    prompts = toy.eval_prompts(seed=0)
+    prompts = corpus.eval_prompts(seed=0)
     assert len(prompts) == len(set(prompts)) == 64
-    train, _ = toy._split_requests(seed=0, num_eval=64)
+    train, _ = corpus.split_requests(seed=0, num_eval=64)
     assert not {r.text for r in train} & set(prompts)
-    assert not {p for p, _ in toy.toy_corpus(5000, seed=0)} & set(prompts)
+    assert not {p for p, _ in corpus.toy_corpus(5000, seed=0)} & set(prompts)
 
 
 def test_build_is_stamped_and_reused(world, tmp_path):
@@ -117,7 +120,7 @@ _KNOWN_WORD = re.compile(r"[A-Za-z]+")
 
 def test_answers_are_readable_and_finish(world, outputs):
     """No method degenerates: answers end with EOS and use the corpus's words."""
-    vocab = {w.lower() for _, r in toy.toy_corpus(2000, seed=0)
+    vocab = {w.lower() for _, r in corpus.toy_corpus(2000, seed=0)
              for w in _KNOWN_WORD.findall(r)}
     for name, outs in outputs.items():
         finished = sum(o.finish_reason == "stop" for o in outs)
@@ -129,22 +132,35 @@ def test_answers_are_readable_and_finish(world, outputs):
 
 # -- the shipped artefacts ----------------------------------------------------
 
+def _toy_assets_tool():
+    path = Path(__file__).resolve().parents[1] / "tools" / "toy_assets.py"
+    spec = importlib.util.spec_from_file_location("toy_assets", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_shipped_world_and_agent_load_and_the_rebuild_check_compares_bytes(tmp_path):
-    """The demo's and tests' default models are the shipped ones; `vllm-align toy-assets`
-    compares a build with them file by file (here a copy stands in for a fresh build)."""
-    from vllm_align.cli.main import main
+    """The demo's and tests' default models are the shipped ones; `make toy-assets` compares a
+    build with them file by file (here a copy stands in for a fresh build) and writes only
+    where it is told."""
     from vllm_align.mara.agent import load_agent
 
+    tool = _toy_assets_tool()
     world, agent = shipped.world(), shipped.agent()
     assert Path(world.sft_path).parent == shipped.ASSETS_DIR
     assert agent.model == Path(world.sft_path) and agent.stats["episodes"] == 2048
     assert load_agent(agent.trained, expected_hidden_size=128) is not None
-    build = tmp_path / "build"
+    build, dest = tmp_path / "build", tmp_path / "dest"
     shutil.copytree(shipped.ASSETS_DIR, build)
-    assert main(["toy-assets", "--work-dir", str(build)]) == 0
+    assert tool.main([str(build), "--write", str(dest)]) == 0
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) \
+        == sorted(tool.SHIPPED)
+    assert all((dest / name).read_bytes() == (shipped.ASSETS_DIR / name).read_bytes()
+               for name in tool.SHIPPED)
     weights = build / "mara-agent" / "agent.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
     lines = []
-    assert shipped.rebuild(work_dir=build, log=lines.append) is False
+    assert tool.compare(build, log=lines.append) is False
     assert any(line.split() == ["DIFFERS", "mara-agent/agent.safetensors"] for line in lines)
     assert lines[-1].startswith("1 of 8 files differ")

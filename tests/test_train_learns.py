@@ -51,8 +51,9 @@ from statistics import fmean
 
 import pytest
 
+from toy_eval import evaluate_agent
 from vllm_align.toy import shipped
-from vllm_align.toy.agent import ToySettings, evaluate_agent, toy_agent
+from vllm_align.toy.agent import ToySettings, toy_agent
 
 
 def _copy_world(dst: Path) -> Path:

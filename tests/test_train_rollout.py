@@ -17,11 +17,11 @@ from conftest import peaked_tiny_llama
 import torch
 
 import hf_mara_reference
-from vllm_align.mara.agent import random_agent
 from vllm_align.data.prompts import Prompt
 from vllm_align.data.rewards import CallableReward
 from vllm_align.train.terminal import TerminalReward
 from vllm_align.train.rollout import HFRollout
+from vllm_align.toy.models import random_agent
 
 HIDDEN, VOCAB, EOS = 64, 96, 3
 PROMPTS = [[1, 17, 42, 8, 64], [1, 5], [1, 9, 33, 2, 7, 7, 80, 12], [1, 60, 61], [1, 22, 90]]

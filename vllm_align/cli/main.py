@@ -59,21 +59,6 @@ def toy_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _toy_assets_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--write", action="store_true",
-                   help="replace the shipped files with the rebuilt ones")
-    p.add_argument("--work-dir", default=None,
-                   help="build here (reused if already built) instead of a scratch directory")
-
-
-@command("toy-assets", "rebuild the shipped toy world and MARA agent from their recipe and "
-         "say whether it reproduces them byte for byte", args=_toy_assets_args)
-def toy_assets(args: argparse.Namespace) -> int:
-    from vllm_align.toy.shipped import rebuild
-
-    return 0 if rebuild(write=args.write, work_dir=args.work_dir) or args.write else 1
-
-
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default=None,
                    help="where the demo writes its sweep and server log (default: ./.cache/demo)")
@@ -83,7 +68,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 @command("demo", "the shipped toy SFT/DPO pair and MARA agent: compare SFT, DPO, DeRa, AAD "
          "and MARA offline and served", args=_demo_args)
 def demo(args: argparse.Namespace) -> int:
-    from vllm_align.toy.demo import main as demo_main
+    from vllm_align.cli.demo import main as demo_main
 
     return demo_main(args.out_dir, serve=not args.no_serve)
 

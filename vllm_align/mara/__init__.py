@@ -1,21 +1,19 @@
 """MARA (token-level accept/reject) pieces that need no vLLM.
 
-* ``agent``: the released agent network, safe checkpoint loading/saving,
-  untrained agents for demos and benchmarks;
+* ``agent``: the released agent network, safe checkpoint loading/saving;
 * ``rules``: the candidate set and the accept/reject walk as batched tensor ops;
 * ``config``: typed, validated per-request parameters and agent specs.
 """
 
-from vllm_align.mara.agent import (AgentWidthError, MaraAgent, MaraAgentError,
-                                   calibrate_accept_bias, load_agent, random_agent, save_agent)
+from vllm_align.mara.agent import (AgentWidthError, MaraAgent, MaraAgentError, load_agent,
+                                   save_agent)
 from vllm_align.mara.config import (MaraParams, parse_agent_arg, parse_agent_args,
                                     parse_agent_map)
 from vllm_align.mara.rules import (Walk, WalkStep, candidate_set, policy_probs,
                                    walk_decisions, walk_step)
 
 __all__ = [
-    "AgentWidthError", "MaraAgent", "MaraAgentError", "calibrate_accept_bias", "load_agent",
-    "random_agent", "save_agent", "MaraParams", "parse_agent_arg", "parse_agent_args",
+    "AgentWidthError", "MaraAgent", "MaraAgentError", "load_agent", "save_agent", "MaraParams", "parse_agent_arg", "parse_agent_args",
     "parse_agent_map", "Walk", "WalkStep", "candidate_set", "policy_probs", "walk_decisions",
     "walk_step",
 ]

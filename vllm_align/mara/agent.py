@@ -22,7 +22,6 @@ hence a ``ValueError``) with a one-line message naming the file.
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 from pathlib import Path
@@ -262,63 +261,3 @@ def save_agent(agent: nn.Module, path: PathLike) -> Path:
         raise ValueError(f"cannot save a MARA agent as {path.name!r}: use a .safetensors "
                          f"or {'/'.join(_TORCH_SUFFIXES)} file name")
     return path
-
-
-# ---------------------------------------------------------------------------
-# Untrained agents (demos, tests, benchmarks)
-# ---------------------------------------------------------------------------
-
-def random_agent(hidden_size: int, seed: int = 0, accept_bias: float = 0.0, *,
-                 logit_scale: float = 4.0, widths: tuple[int, int] = WIDTHS) -> MaraAgent:
-    """An untrained agent whose decisions depend clearly on the state.
-
-    Linear weights are drawn ``normal(0, sqrt(2 / fan_in))`` (He; keeps the
-    ReLU activations of order 1) and the output layer
-    ``normal(0, logit_scale / sqrt(fan_in))``, so the accept-minus-reject
-    logit has a spread of about ``logit_scale`` over states and few decisions
-    sit near P(accept) = 0.5 (near-ties would make conformance tests hinge on
-    rounding). Biases are zero except the output's, ``[0, accept_bias]``:
-    a positive ``accept_bias`` makes the agent accept more often. Use
-    ``calibrate_accept_bias`` to hit a target acceptance rate on real states.
-    The draw uses its own generator; the global RNG is untouched.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    agent = MaraAgent(hidden_size, widths)
-    with torch.no_grad():
-        for layer in (agent.linear1, agent.linear2, agent.output_linear):
-            fan_in = layer.in_features
-            std = (logit_scale if layer is agent.output_linear else math.sqrt(2.0)) \
-                / math.sqrt(fan_in)
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * std)
-            layer.bias.zero_()
-        agent.output_linear.bias[ACCEPT] = float(accept_bias)
-    return agent.eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def calibrate_accept_bias(agent: MaraAgent, states: torch.Tensor, rate: float,
-                          threshold: float = 0.5) -> float:
-    """Set the accept bias so that about ``rate`` of ``states`` get P(accept) > threshold.
-
-    Args:
-        agent: modified in place (``output_linear.bias[1]``).
-        states: [N, d] sample of the states the agent will see, e.g. the LLM's
-            final hidden states after feeding first candidates.
-        rate: target fraction in (0, 1).
-        threshold: the greedy decision threshold in (0, 1).
-    Returns:
-        The new accept bias. With m = l_accept − l_reject before the accept
-        bias, P(accept) > t ⇔ m + b > logit(t); b is set so that logit(t) − b
-        is the (1 − rate)-quantile of m over ``states``.
-    """
-    if not 0.0 < rate < 1.0:
-        raise ValueError(f"rate must be in (0, 1), got {rate!r}")
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
-    bias = agent.output_linear.bias
-    logits = agent.logits(states.to(torch.float32))
-    margin = logits[:, ACCEPT] - logits[:, REJECT] - bias[ACCEPT]
-    cut = math.log(threshold / (1.0 - threshold))
-    new = cut - float(torch.quantile(margin.double(), 1.0 - rate))
-    bias[ACCEPT] = new
-    return new

@@ -1,55 +1,40 @@
-"""Build small local Hugging Face checkpoints: a tokenizer and a Llama pair.
+"""Small local checkpoints, nothing downloaded: the tokenizer, the Llama builder, random models.
 
-Nothing is downloaded. ``train_tokenizer`` trains a byte-level BPE on a
-synthetic English-like corpus; ``build_llama_pair`` writes two
-``LlamaForCausalLM`` checkpoints that share that tokenizer:
+``train_tokenizer`` (a byte-level BPE with a chat template, trained on the toy corpus) and
+``llama`` (the one Llama config) build the toy world, the random pairs and the tests'
+small models. ``build_llama_pair`` (``vllm-align toy-models``) and ``random_agent`` make
+random-weight checkpoints for engine tests and benchmarks: ``reference/`` with weights drawn
+from ``seed`` plays the SFT model, ``aligned/`` (the same weights plus scaled Gaussian noise
+on the LM head and the last layer's ``o_proj``/``down_proj``) the DPO model. The noise on
+``lm_head`` changes which tokens are preferred everywhere, the last layer's makes the change
+depend on context; at ``aligned_noise=0.3`` the tiny pair's greedy choices agree on about
+half of the positions (next-token KL about 0.4 nats): DeRa/AAD change the output, and the
+top candidates overlap as AAD's ``V_alpha`` expects.
 
-* ``reference/``: random weights drawn from ``seed`` (plays the SFT model);
-* ``aligned/``: the same weights plus scaled Gaussian noise on the LM head
-  and on the output projections of the last decoder layer (plays the
-  DPO/RLHF model).
-
-Why this perturbation: the two models must be "the same model, nudged", as a
-real SFT/DPO pair is. Noise on ``lm_head`` changes which tokens are preferred
-at every position; noise on the last layer's ``o_proj``/``down_proj`` makes the
-change depend on context too. With the default ``aligned_noise=0.3`` (noise
-std = 0.3 x the weight's own std), on the tiny model the two greedy choices
-agree on about half of the positions and the next-token distributions differ
-by a KL of about 0.4 nats: different enough that DeRa/AAD change the output,
-close enough that their top candidates overlap as the AAD set ``V_alpha``
-expects.
-
-Why a custom initialisation instead of Hugging Face's ``normal(0, 0.02)``: at
-0.02 a small random model gives near-uniform attention and near-uniform
-next-token distributions, so the output barely depends on the context (a KV
-cache bug would go unnoticed) and every token is nearly tied (greedy outputs
-would hinge on rounding). We draw every linear weight from
-``normal(0, 1/sqrt(fan_in))``, embeddings from ``normal(0, 1)`` and the LM
-head from ``normal(0, logit_scale/sqrt(hidden))``: attention scores and logits
-then have a spread of order 1 and ``logit_scale`` respectively, so
-distributions are peaked and depend on the whole prefix. The draw uses our own
-``torch.Generator`` in a fixed parameter order, so it does not change with the
-transformers version.
-
-Builds are deterministic in their arguments and idempotent: a ``stamp.json``
-in ``out_dir`` records the arguments, and a second call with the same ones
-returns at once. A file lock makes concurrent builders (e.g. test workers)
-wait for one another instead of racing.
+Why not Hugging Face's ``normal(0, 0.02)`` init: a small random model then has
+near-uniform attention and next-token distributions, so the output barely depends on the
+context (a KV cache bug would go unnoticed) and tokens are nearly tied (greedy outputs
+would hinge on rounding). Linear weights are ``normal(0, 1/sqrt(fan_in))``, embeddings
+``normal(0, 1)``, the LM head ``normal(0, logit_scale/sqrt(hidden))``: peaked distributions
+that depend on the whole prefix, drawn from our own ``torch.Generator`` in a fixed
+parameter order (the same whatever the transformers version).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable
 
-# Bump when the recipe changes, so stale stamped builds are rebuilt.
-RECIPE_VERSION = 1
+from vllm_align.toy.cache import build_once
+from vllm_align.toy.corpus import toy_corpus
+
+# Bump when the random pairs' recipe changes, so stale stamped builds are rebuilt.
+RECIPE_VERSION = 2  # 2: tokenizer trained on the toy corpus
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -68,139 +53,51 @@ CHAT_TEMPLATE = (
 
 DEFAULT_MAX_POSITIONS = 2048
 
-# ---------------------------------------------------------------------------
-# Synthetic corpus
-# ---------------------------------------------------------------------------
-
-_DETERMINERS = ["the", "a", "this", "that", "every", "some", "no", "my", "your", "our"]
-_ADJECTIVES = [
-    "small", "large", "quiet", "bright", "old", "young", "green", "blue", "warm", "cold",
-    "quick", "slow", "happy", "careful", "strange", "gentle", "heavy", "empty", "clever",
-    "honest", "helpful", "rude", "kind", "dangerous", "safe", "wooden", "golden", "tired",
-]
-_NOUNS = [
-    "cat", "dog", "river", "city", "house", "garden", "teacher", "child", "machine", "book",
-    "window", "road", "forest", "market", "doctor", "letter", "question", "answer", "model",
-    "story", "song", "friend", "mountain", "village", "engine", "lamp", "door", "table",
-    "student", "farmer", "ship", "bridge", "tree", "bird", "kitchen", "message", "problem",
-]
-_VERBS = [
-    ("see", "saw"), ("find", "found"), ("help", "helped"), ("carry", "carried"),
-    ("open", "opened"), ("build", "built"), ("write", "wrote"), ("read", "read"),
-    ("follow", "followed"), ("answer", "answered"), ("visit", "visited"), ("paint", "painted"),
-    ("move", "moved"), ("watch", "watched"), ("clean", "cleaned"), ("explain", "explained"),
-    ("bring", "brought"), ("leave", "left"), ("keep", "kept"), ("teach", "taught"),
-]
-_ADVERBS = ["slowly", "quickly", "quietly", "carefully", "never", "often", "gladly", "again"]
-_PREPOSITIONS = ["near", "behind", "under", "over", "beside", "across", "inside", "without"]
-_CONNECTIVES = ["and", "but", "because", "so", "while", "although", "then"]
-_QUESTION_WORDS = ["where", "why", "when", "how"]
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
            "br", "dr", "gr", "kl", "pr", "st", "tr", "sh", "th", "ch"]
 _NUCLEI = ["a", "e", "i", "o", "u", "ai", "ea", "ou", "io"]
 _CODAS = ["", "", "n", "r", "s", "l", "m", "th", "nd", "rk"]
 
 
-def _pseudo_words(rng: random.Random, n: int) -> list[str]:
-    """``n`` distinct pronounceable made-up words (names, places, jargon).
-
-    They give BPE material for larger vocabularies: real words above run out
-    after a few hundred merges, so a 32k vocabulary needs many more distinct
-    character sequences.
-    """
+def _tokenizer_corpus(vocab_size: int) -> list[str]:
+    """The toy corpus and made-up words: its few hundred distinct words run out of BPE merges
+    early; about one pronounceable made-up word per 1.5 requested tokens fills the rest."""
+    rng = random.Random(0)
     words: set[str] = set()
-    while len(words) < n:
-        syllables = rng.randint(2, 4)
+    while len(words) < max(300, (2 * vocab_size) // 3):
         words.add("".join(rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS)
-                          for _ in range(syllables)))
-    return sorted(words)
+                          for _ in range(rng.randint(2, 4))))
+    made_up = sorted(words)
+    return ([f"{p}\n{r}" for p, r in toy_corpus(max(2000, 2 * vocab_size))]
+            + [" ".join(made_up[i:i + 8]) for i in range(0, len(made_up), 8)])
 
-
-def synthetic_corpus(num_sentences: int = 4000, *, num_pseudo_words: int = 1000,
-                     seed: int = 0) -> Iterator[str]:
-    """Yield English-like lines: simple clauses, questions, numbers, dialogue.
-
-    Deterministic in its arguments. Roughly 12 words per line.
-    """
-    rng = random.Random(seed)
-    names = [w.capitalize() for w in _pseudo_words(rng, num_pseudo_words)]
-
-    def noun_phrase() -> str:
-        parts = [rng.choice(_DETERMINERS)]
-        if rng.random() < 0.5:
-            parts.append(rng.choice(_ADJECTIVES))
-        parts.append(rng.choice(_NOUNS) + ("s" if rng.random() < 0.2 else ""))
-        return " ".join(parts)
-
-    def subject() -> str:
-        return rng.choice(names) if rng.random() < 0.4 else noun_phrase()
-
-    def clause() -> str:
-        words = [subject()]
-        if rng.random() < 0.3:
-            words.append(rng.choice(_ADVERBS))
-        words += [rng.choice(_VERBS)[1], noun_phrase()]
-        if rng.random() < 0.5:
-            words += [rng.choice(_PREPOSITIONS), noun_phrase()]
-        return " ".join(words)
-
-    for i in range(num_sentences):
-        kind = rng.random()
-        if kind < 0.55:
-            text = clause()
-            if rng.random() < 0.4:
-                text += f" {rng.choice(_CONNECTIVES)} {clause()}"
-            text = text[0].upper() + text[1:] + "."
-        elif kind < 0.75:
-            q = rng.choice(_QUESTION_WORDS)
-            text = f"{q.capitalize()} did {subject()} {rng.choice(_VERBS)[0]} {noun_phrase()}?"
-        elif kind < 0.85:
-            n = rng.randint(2, 999)
-            text = f"{rng.choice(names)} counted {n} {rng.choice(_NOUNS)}s in {rng.choice(names)}."
-        else:
-            text = (f"User: Can you {rng.choice(_VERBS)[0]} {noun_phrase()}? "
-                    f"Assistant: Yes, {clause()}.")
-        yield text
-
-
-# ---------------------------------------------------------------------------
-# Tokenizer
-# ---------------------------------------------------------------------------
 
 def train_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 1024,
                     corpus: Iterable[str] | None = None, *,
                     max_length: int = DEFAULT_MAX_POSITIONS):
     """Train a byte-level BPE tokenizer and save it as a ``PreTrainedTokenizerFast``.
 
-    Ids 0..6 are ``<unk> <s> </s> <pad> <|system|> <|user|> <|assistant|>``;
-    every byte is in the base alphabet, so any text encodes without ``<unk>``.
-    Encoding prepends ``<s>``; decoding is lossless. A chat template renders
-    ``<s><|role|>\\ncontent</s>\\n`` per message.
-
-    If the corpus runs out of merges before ``vocab_size``, the vocabulary is
-    filled with ``<|reserved_N|>`` tokens, so ``len(tokenizer) == vocab_size``
-    always (the model's embedding rows then all decode to something).
+    Ids 0..6 are ``<unk> <s> </s> <pad> <|system|> <|user|> <|assistant|>``; every byte is
+    in the base alphabet (no ``<unk>``); encoding prepends ``<s>``, decoding is lossless; the
+    chat template renders ``<s><|role|>\\ncontent</s>\\n`` per message. A corpus that runs
+    out of merges is topped up with ``<|reserved_N|>`` tokens: ``len(tokenizer) == vocab_size``.
 
     Args:
         out_dir: where tokenizer.json / tokenizer_config.json are written.
         vocab_size: total size including special tokens; at least 512.
-        corpus: lines of training text; default ``synthetic_corpus`` scaled
-            with ``vocab_size``.
+        corpus: lines of training text; default the toy corpus, with made-up words
+            for larger vocabularies.
     Returns:
         The saved ``transformers.PreTrainedTokenizerFast``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    min_vocab = 256 + len(SPECIAL_TOKENS)
     if vocab_size < 512:
         raise ValueError(f"vocab_size must be at least 512 (byte alphabet + specials "
-                         f"= {min_vocab}), got {vocab_size}")
+                         f"= {256 + len(SPECIAL_TOKENS)}), got {vocab_size}")
     if corpus is None:
-        # More made-up words for bigger vocabularies: about one per 1.5
-        # requested tokens is enough for BPE to find the merges.
-        corpus = synthetic_corpus(num_sentences=max(2000, 2 * vocab_size),
-                                  num_pseudo_words=max(300, (2 * vocab_size) // 3))
+        corpus = _tokenizer_corpus(vocab_size)
 
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -241,13 +138,29 @@ def save_tokenizer(tokenizer, out_dir: str | os.PathLike) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-# ---------------------------------------------------------------------------
-# Model pair
-# ---------------------------------------------------------------------------
+def llama(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
+          intermediate_size: int, max_positions: int, tokenizer=None, **config: Any):
+    """An untrained float32 ``LlamaForCausalLM`` (Hugging Face's init; callers draw their own).
 
-def _default_intermediate(hidden_size: int) -> int:
-    """Llama's ~8/3 x hidden MLP width, rounded up to a multiple of 64."""
-    return 64 * math.ceil(8 * hidden_size / 3 / 64)
+    Head size ``hidden_size / num_heads``, as many KV heads as heads, untied embeddings, unless
+    ``config`` (``LlamaConfig`` fields) says otherwise; BOS/EOS/PAD ids from ``tokenizer``.
+    """
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    ids = ({} if tokenizer is None else
+           {f"{name}_token_id": tokenizer.convert_tokens_to_ids(token)
+            for name, token in (("bos", BOS), ("eos", EOS), ("pad", PAD))})
+    config = LlamaConfig(**{
+        "vocab_size": vocab_size, "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size, "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads, "num_key_value_heads": num_heads,
+        "head_dim": hidden_size // num_heads, "max_position_embeddings": max_positions,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, **ids, "dtype": "float32",
+        "architectures": ["LlamaForCausalLM"], **config})
+    model = LlamaForCausalLM(config).float()
+    if tokenizer is not None:
+        model.generation_config = GenerationConfig(**ids)
+    return model
 
 
 def _init_weights(model, seed: int, logit_scale: float) -> None:
@@ -273,11 +186,8 @@ def _init_weights(model, seed: int, logit_scale: float) -> None:
                 raise AssertionError(f"unexpected parameter {name} {tuple(p.shape)}")
 
 
-def _perturb(model, seed: int, scale: float) -> list[str]:
-    """Add ``scale * std(W) * N(0, 1)`` to the LM head and last layer's outputs.
-
-    Returns the names of the perturbed parameters.
-    """
+def _perturb(model, seed: int, scale: float) -> None:
+    """Add ``scale * std(W) * N(0, 1)`` to the LM head and last layer's outputs."""
     import torch
 
     last = model.config.num_hidden_layers - 1
@@ -292,23 +202,6 @@ def _perturb(model, seed: int, scale: float) -> list[str]:
         for name in names:
             p = params[name]
             p.add_(torch.randn(p.shape, generator=gen) * (scale * p.std().item()))
-    return names
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    """Exclusive advisory lock on ``path`` (POSIX); a no-op elsewhere."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def build_llama_pair(out_dir: str | os.PathLike, *, hidden_size: int = 256,
@@ -316,21 +209,18 @@ def build_llama_pair(out_dir: str | os.PathLike, *, hidden_size: int = 256,
                      intermediate_size: int | None = None, vocab_size: int = 1024,
                      seed: int = 0, aligned_noise: float = 0.3, logit_scale: float = 3.0,
                      max_position_embeddings: int = DEFAULT_MAX_POSITIONS) -> tuple[str, str]:
-    """Build (or reuse) an aligned/reference ``LlamaForCausalLM`` pair.
+    """Build (or reuse: ``vllm_align.toy.cache``) an aligned/reference ``LlamaForCausalLM`` pair.
 
-    Layout: ``out_dir/aligned``, ``out_dir/reference`` (each a full HF
-    checkpoint, float32 safetensors, with the shared tokenizer) and
-    ``out_dir/stamp.json`` recording the arguments.
-
-    Sizes: the defaults make a ~2M-parameter model that builds in about a
-    second; ``hidden_size=1024, num_layers=8, num_heads=16, vocab_size=8192``
-    makes the ~120M-parameter benchmark model.
+    Layout: ``out_dir/aligned``, ``out_dir/reference`` (full float32 HF checkpoints with the
+    shared tokenizer), ``out_dir/stamp.json``. The defaults make a ~2M-parameter model built
+    in about a second; ``hidden_size=1024, num_layers=8, num_heads=16, vocab_size=8192`` the
+    ~120M-parameter benchmark model.
 
     Args:
         hidden_size, num_heads: ``hidden_size / num_heads`` must be 64 (vLLM's
             CPU attention kernels reject small head sizes such as 16).
         num_layers: decoder layers.
-        intermediate_size: MLP width; default ~8/3 x hidden.
+        intermediate_size: MLP width; default Llama's ~8/3 x hidden, a multiple of 64.
         vocab_size: tokenizer and embedding size (exactly equal).
         seed: weights of the reference model; the aligned noise derives from it.
         aligned_noise: relative noise std for the aligned model (0 = identical).
@@ -346,67 +236,64 @@ def build_llama_pair(out_dir: str | os.PathLike, *, hidden_size: int = 256,
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     if not (math.isfinite(aligned_noise) and aligned_noise >= 0):
         raise ValueError(f"aligned_noise must be a finite number >= 0, got {aligned_noise}")
-    intermediate_size = intermediate_size or _default_intermediate(hidden_size)
+    intermediate_size = intermediate_size or 64 * math.ceil(8 * hidden_size / 3 / 64)
 
     out = Path(out_dir)
     aligned_dir, reference_dir = out / "aligned", out / "reference"
-    stamp = {
+    key = {
         "recipe": RECIPE_VERSION, "hidden_size": hidden_size, "num_layers": num_layers,
         "num_heads": num_heads, "intermediate_size": intermediate_size,
         "vocab_size": vocab_size, "seed": seed, "aligned_noise": aligned_noise,
         "logit_scale": logit_scale, "max_position_embeddings": max_position_embeddings,
     }
-    stamp_path = out / "stamp.json"
-    out.mkdir(parents=True, exist_ok=True)
-    with _locked(out / ".build.lock"):
-        if _stamp_matches(stamp_path, stamp, (aligned_dir, reference_dir)):
-            return str(aligned_dir), str(reference_dir)
-        # Remove the stamp first: a build interrupted from here on is redone.
-        stamp_path.unlink(missing_ok=True)
+
+    def build() -> dict:
         for d in (aligned_dir, reference_dir, out / "tokenizer"):
             shutil.rmtree(d, ignore_errors=True)
-        _build(out, aligned_dir, reference_dir, **stamp)
-        stamp_path.write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
+        tokenizer = train_tokenizer(out / "tokenizer", vocab_size=vocab_size,
+                                    max_length=max_position_embeddings)
+        # HF's own init runs here too; _init_weights then overwrites every parameter.
+        model = llama(vocab_size, hidden_size, num_layers, num_heads, intermediate_size,
+                      max_position_embeddings, tokenizer).eval()
+        _init_weights(model, seed, logit_scale)
+        for path, noise in ((reference_dir, 0.0), (aligned_dir, aligned_noise)):
+            if noise:
+                _perturb(model, seed, noise)
+            model.save_pretrained(str(path))
+            save_tokenizer(tokenizer, path)
+        return {}
+
+    out.mkdir(parents=True, exist_ok=True)
+    build_once(out / "stamp.json", key, [d / f for d in (aligned_dir, reference_dir)
+                                         for f in ("config.json", "tokenizer.json")],
+               build, lock=out / ".build.lock")
     return str(aligned_dir), str(reference_dir)
 
 
-def _stamp_matches(stamp_path: Path, stamp: dict, dirs: Iterable[Path]) -> bool:
-    try:
-        if json.loads(stamp_path.read_text()) != stamp:
-            return False
-    except (OSError, ValueError):
-        return False
-    return all((d / "config.json").is_file() and (d / "tokenizer.json").is_file()
-               for d in dirs)
+def random_agent(hidden_size: int, seed: int = 0, accept_bias: float = 0.0, *,
+                 logit_scale: float = 4.0, widths: tuple[int, int] | None = None):
+    """An untrained ``mara.agent.MaraAgent`` ([N, hidden_size] states) whose decisions depend
+    clearly on the state.
 
-
-def _build(out: Path, aligned_dir: Path, reference_dir: Path, *, recipe: int,
-           hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int,
-           vocab_size: int, seed: int, aligned_noise: float, logit_scale: float,
-           max_position_embeddings: int) -> None:
+    Linear weights ``normal(0, sqrt(2 / fan_in))`` (He: ReLU activations of order 1), the
+    output layer's ``normal(0, logit_scale / sqrt(fan_in))``: the accept-minus-reject logit
+    spreads by about ``logit_scale`` over states and few decisions sit near P(accept) = 0.5
+    (near-ties would make conformance tests hinge on rounding). Biases are zero but the
+    output's ``[0, accept_bias]`` (positive: accepts more often). ``widths`` default: the
+    released ``mara.agent.WIDTHS``. Its own generator: the global RNG is untouched.
+    """
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = train_tokenizer(out / "tokenizer", vocab_size=vocab_size,
-                                max_length=max_position_embeddings)
-    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in (BOS, EOS, PAD)}
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads,
-        num_key_value_heads=num_heads, head_dim=hidden_size // num_heads,
-        max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, bos_token_id=ids[BOS], eos_token_id=ids[EOS],
-        pad_token_id=ids[PAD], dtype="float32", architectures=["LlamaForCausalLM"])
-    generation_config = GenerationConfig(
-        bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD])
+    from vllm_align.mara.agent import ACCEPT, WIDTHS, MaraAgent
 
-    # HF's own init runs here too; _init_weights then overwrites every parameter.
-    model = LlamaForCausalLM(config).float().eval()
-    _init_weights(model, seed, logit_scale)
-    model.generation_config = generation_config
-    model.save_pretrained(str(reference_dir))
-    save_tokenizer(tokenizer, reference_dir)
-
-    _perturb(model, seed, aligned_noise)
-    model.save_pretrained(str(aligned_dir))
-    save_tokenizer(tokenizer, aligned_dir)
+    gen = torch.Generator().manual_seed(seed)
+    agent = MaraAgent(hidden_size, widths or WIDTHS)
+    with torch.no_grad():
+        for layer in (agent.linear1, agent.linear2, agent.output_linear):
+            fan_in = layer.in_features
+            std = (logit_scale if layer is agent.output_linear else math.sqrt(2.0)) \
+                / math.sqrt(fan_in)
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * std)
+            layer.bias.zero_()
+        agent.output_linear.bias[ACCEPT] = float(accept_bias)
+    return agent.eval().requires_grad_(False)

@@ -1,4 +1,4 @@
-"""The SAC-trained toy agent through the engine: MARA against its base LLM.
+"""The demo's "MARA vs its base LLM" runs: the SAC-trained toy agent through the engine.
 
 The agent (``vllm_align.toy.agent.toy_agent``) was trained on the toy world's
 SFT model, reading that model's final hidden states, to put polite words into

@@ -18,7 +18,7 @@
    model the agent was trained on, with the trained agent and the same run's
    untrained one; the SFT model alone (greedy, sampled) and MARA with either
    agent on the held-out prompts at the trained 16-token horizon
-   (``vllm_align.toy.mara``); prints the mean polite words per response.
+   (``vllm_align.cli.demo_runs``); prints the mean polite words per response.
 4. Served: starts ``vllm serve DPO --sampler align --reference-model SFT`` on
    loopback, sends the same few prompts with per-request
    ``extra_body={"alignment": ...}`` through the ``openai`` client (the
@@ -91,7 +91,7 @@ def main(out_dir: str | os.PathLike | None = None, *, serve: bool = True) -> int
     _heading(f"Toy world (shipped in {shipped.ASSETS_DIR})")
     print(f"  SFT model: {world.sft_path}\n  DPO model: {world.dpo_path}")
     print(f"  reward: fraction of polite words; {len(world.prompts)} held-out prompts")
-    print(f"  built by `vllm-align toy-assets` in {world.stats['build_seconds']:.0f}s")
+    print(f"  built by `make toy-assets` in {world.stats['build_seconds']:.0f}s")
     agent = _agent()
 
     shown = world.prompts[:SHOWN_PROMPTS]
@@ -133,7 +133,7 @@ def _offline(world, agent, out_dir: Path) -> dict[str, dict[str, str]]:
     from vllm import LLM
 
     from vllm_align.data.sweep import format_rows, generate_grid, score_and_write
-    from vllm_align.toy.world import generate_by_method
+    from vllm_align.cli.demo_runs import Run, decode_runs
 
     _heading("Offline: one LLM engine, every method in one batch")
     for name, spec in METHODS.items():
@@ -144,7 +144,9 @@ def _offline(world, agent, out_dir: Path) -> dict[str, dict[str, str]]:
     try:
         prompt_ids = world.prompt_token_ids(llm.get_tokenizer())
         t0 = time.monotonic()
-        outputs = generate_by_method(llm, prompt_ids, METHODS, max_tokens=MAX_TOKENS)
+        runs = {name: Run(spec, sampled=False, label=name) for name, spec in METHODS.items()}
+        outputs = {name: reps[0] for name, reps in
+                   decode_runs(llm, prompt_ids, runs, max_tokens=MAX_TOKENS).items()}
         seconds = time.monotonic() - t0
         # The sweep reuses this engine: its start-up is most of the demo's time.
         sweep_cfg, sweep_items = _sweep_config(world, out_dir)
@@ -189,7 +191,7 @@ def _mara_vs_base(world, agent) -> None:
     """The trained agent against its base LLM: an engine serving the SFT model."""
     import gc
 
-    from vllm_align.toy import mara as toy_mara
+    from vllm_align.cli import demo_runs as toy_mara
     from vllm_align.toy.world import polite_count
 
     n = len(toy_mara.SEEDS)
@@ -233,7 +235,7 @@ def _sweep_config(world, out_dir: Path):
     """The demo's sweep: the held-out prompts as chat records, the rule reward as a callable."""
     from vllm_align.data.prompts import read_prompts
     from vllm_align.data.sweep import SweepConfig
-    from vllm_align.toy.world import chat_messages
+    from vllm_align.toy.corpus import chat_messages
 
     out = out_dir / "sweep"
     out.mkdir(exist_ok=True)
@@ -251,7 +253,7 @@ def _served(world, agent, prompts: Sequence[str], out_dir: Path) -> dict[str, di
     """Ask a live ``vllm serve`` the same prompts; print; return the texts."""
     import openai
 
-    from vllm_align.toy.world import chat_messages
+    from vllm_align.toy.corpus import chat_messages
 
     _heading("Served: vllm serve --sampler align, per-request extra_body={'alignment': ...}")
     log = out_dir / "serve.log"
