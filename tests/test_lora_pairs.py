@@ -61,7 +61,8 @@ def adapters(base, tmp_path_factory) -> list[str]:
 def agent(base, tmp_path_factory):
     from transformers import AutoConfig
 
-    from vllm_align.mara.agent import random_agent, save_agent
+    from vllm_align.mara.agent import save_agent
+    from vllm_align.toy.models import random_agent
 
     made = random_agent(AutoConfig.from_pretrained(base).hidden_size, seed=2, accept_bias=1.0)
     return made, str(save_agent(made, tmp_path_factory.mktemp("agent") / "a.safetensors"))
@@ -280,7 +281,8 @@ def test_a_qwen2_lora_pair(tiny_pair, tmp_path_factory):
     from vllm import LLM
 
     from test_architectures import _qwen2
-    from vllm_align.mara.agent import random_agent, save_agent
+    from vllm_align.mara.agent import save_agent
+    from vllm_align.toy.models import random_agent
 
     d = tmp_path_factory.mktemp("qwen2-lora")
     _qwen2(d / "base", Path(tiny_pair[0]), seed=0)
