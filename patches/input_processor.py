@@ -1,14 +1,17 @@
-"""``InputProcessor``: refuse, per request, what this engine cannot serve.
+"""``InputProcessor.process_inputs``: each request's rule, parsed once where it enters.
 
-Every request's ``extra_args["align"]`` is parsed here, in the API process,
-on every engine where the plugin is installed (also one without alignment
-configuration, which loads none of the plugin's logits processors): whether
-*this* engine can honour it (a reference model for DeRa/AAD, an agent for
-MARA) needs the engine config, so the validator vLLM builds once per engine
-is wrapped. Errors become ``VLLMValidationError``: HTTP 400 when
-served, a ``ValueError`` offline, and only that request is refused.
+Every request passes here, in the API process (served) or the caller's
+(``LLM.generate``), on every engine where the plugin is installed. Its
+``extra_args["align"]`` is parsed and checked against what *this* engine
+can honour (a reference model for DeRa/AAD, an agent for MARA, an adapter on a
+LoRA pair) before vLLM's own processing. Errors become
+``VLLMValidationError``: HTTP 400 when served, a ``ValueError`` offline, and
+only that request is refused.
 
-``process_inputs`` is wrapped too: on an engine with a reference model, a
+On an engine with alignment configuration the request then carries the rule's
+canonical form (``AlignParams.to_json``) in its own copy of the sampling
+parameters: the engine core and the workers read that (``AlignParams.from_json``)
+and never parse a client's spec. Also, on an engine with a reference model, a
 request's cache salt says whether its rule reads the reference, so that its
 prefix-cache blocks are never shared with a request of the other kind
 (``vllm_align/engine/reference_rows.py``); and a request asking for prompt
@@ -21,9 +24,10 @@ Written for vLLM 0.32.
 from __future__ import annotations
 
 from vllm.exceptions import VLLMValidationError
+from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.input_processor import InputProcessor
 
-from vllm_align.config import AlignConfigError, EngineAlignConfig
+from vllm_align.config import EXTRA_ARGS_KEY, AlignConfigError, AlignParams, EngineAlignConfig
 from vllm_align.engine.reference_rows import kv_cache_salt
 from vllm_align.patches.base import VllmPatch
 
@@ -68,50 +72,56 @@ def check_mara_sampling(params, mara) -> None:
                                "(the agent's accepted candidate is emitted as is)")
 
 
+def admit(vllm_config, params: SamplingParams) -> AlignParams:
+    """The rule of one request on this engine, or the ``AlignRequestError`` refusing it.
+
+    Args:
+        vllm_config: the engine's ``VllmConfig``.
+        params: the caller's sampling parameters (read, not changed).
+    """
+    engine = EngineAlignConfig.parse(vllm_config.additional_config)
+    try:
+        rule = engine.resolve(params.extra_args)
+        if rule.method != "none":
+            unsupported = ("the V2 model runner" if vllm_config.use_v2_model_runner else
+                           "speculative decoding" if vllm_config.speculative_config else None)
+            if unsupported:
+                raise AlignConfigError(
+                    f"alignment method {rule.method!r} is not available with {unsupported}")
+        if rule.method == "mara":
+            check_mara_sampling(params, rule.mara)
+    except AlignConfigError as e:
+        raise AlignRequestError(str(e), parameter="alignment") from None
+    return rule
+
+
 class InputProcessorPatch(VllmPatch):
     target = InputProcessor
-    replaces = ("_build_logits_processors_params_validator", "process_inputs")
+    replaces = ("process_inputs",)
 
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        rule = admit(self.vllm_config, params) if isinstance(params, SamplingParams) else None
         request = InputProcessorPatch.original("process_inputs")(
             self, request_id, prompt, params, *args, **kwargs)
-        engine = self.__dict__.get("_vllm_align_engine")
-        if engine is None:
-            engine = self._vllm_align_engine = EngineAlignConfig.parse(
-                self.vllm_config.additional_config)
-            self._vllm_align_lora_pair = engine.reference_is(self.vllm_config.model_config.model)
-        if engine.reference_model is not None and request.sampling_params is not None:
-            rule = engine.resolve(request.sampling_params.extra_args)  # validated already
-            if rule.needs_reference and self._vllm_align_lora_pair and request.lora_request is None:
+        config = self.vllm_config.additional_config or {}
+        sampling = request.sampling_params
+        if rule is None or sampling is None or EXTRA_ARGS_KEY not in config:
+            return request  # an engine without alignment: nothing travels
+        engine = EngineAlignConfig.parse(config)
+        if engine.reference_model is not None:
+            lora_pair = self.__dict__.get("_vllm_align_lora_pair")
+            if lora_pair is None:
+                lora_pair = self._vllm_align_lora_pair = engine.reference_is(
+                    self.vllm_config.model_config.model)
+            if rule.needs_reference and lora_pair and request.lora_request is None:
                 raise AlignRequestError(
                     f"alignment method {rule.method!r} on this engine needs an adapter: its "
                     "aligned model is a request's LoRA adapter on the served model (the "
                     "reference); name one (lora_request=LoRARequest(...) offline, the "
                     "adapter's name as \"model\" served)", parameter="alignment")
             request.cache_salt = kv_cache_salt(request.cache_salt, rule.needs_reference)
-            if request.sampling_params.prompt_logprobs is not None:
-                request.sampling_params.skip_reading_prefix_cache = True
+            if sampling.prompt_logprobs is not None:
+                sampling.skip_reading_prefix_cache = True
+        # A new dict: a shallow clone (``skip_clone``) shares the caller's.
+        sampling.extra_args = {**(sampling.extra_args or {}), EXTRA_ARGS_KEY: rule.to_json()}
         return request
-
-    def _build_logits_processors_params_validator(self):
-        stock = InputProcessorPatch.original(
-            "_build_logits_processors_params_validator")(self)
-        vllm_config = self.vllm_config
-        engine = EngineAlignConfig.parse(vllm_config.additional_config)
-        unsupported = (
-            "the V2 model runner" if vllm_config.use_v2_model_runner else
-            "speculative decoding" if vllm_config.speculative_config else None)
-
-        def validate(params) -> None:
-            try:
-                rule = engine.resolve(params.extra_args)
-                if unsupported and rule.method != "none":
-                    raise AlignConfigError(
-                        f"alignment method {rule.method!r} is not available with {unsupported}")
-                if rule.method == "mara":
-                    check_mara_sampling(params, rule.mara)
-            except AlignConfigError as e:
-                raise AlignRequestError(str(e), parameter="alignment") from None
-            stock(params)
-
-        return validate

@@ -43,6 +43,40 @@ def test_engine_with_alignment_runs_v1_with_its_batch_state(pair_llm):
     assert loaded and all("AlignBatchState" in names for names in loaded)
 
 
+def test_a_rule_is_parsed_once_where_it_enters(pair_llm):
+    """The caller's process parses a request's spec into its canonical form, on the
+    request's own copy of the parameters; the workers decode from that form alone."""
+    def count_parses(worker, on):
+        from vllm_align.config import AlignParams
+        if on:
+            worker.saved_parse, worker.parses = AlignParams.__dict__["parse"], []
+            AlignParams.parse = classmethod(
+                lambda cls, spec: worker.parses.append(spec) or worker.saved_parse.__func__(
+                    cls, spec))
+            return 0
+        AlignParams.parse = worker.saved_parse
+        return len(worker.parses)
+
+    spec = {"method": "aad", "alpha": 0.2}
+    params = SamplingParams(max_tokens=6, temperature=0.0, extra_args={"align": spec})
+    request = pair_llm.llm_engine.input_processor.process_inputs(
+        "canonical", TokensPrompt(prompt_token_ids=[11, 12, 13]), params, ("generate",))
+    assert request.sampling_params.extra_args["align"] == {"method": "aad", "alpha": 0.2}
+    assert params.extra_args == {"align": {"method": "aad", "alpha": 0.2}}  # not rewritten
+    plain = SamplingParams(max_tokens=6, temperature=0.0)  # no spec: the engine's default
+    request = pair_llm.llm_engine.input_processor.process_inputs(
+        "default", TokensPrompt(prompt_token_ids=[11, 12, 13]), plain, ("generate",))
+    assert request.sampling_params.extra_args == {"align": {"method": "none"}}
+    assert plain.extra_args is None
+
+    pair_llm.collective_rpc(count_parses, args=(True,))
+    try:
+        _generate(pair_llm, [[11, 12, 13], [14, 15]], [params, plain])
+    finally:
+        parses = pair_llm.collective_rpc(count_parses, args=(False,))
+    assert parses == [0] * len(parses)
+
+
 def _random_ids(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(10, 1000) for _ in range(n)]
 

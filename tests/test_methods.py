@@ -430,6 +430,8 @@ def test_canonical_json_round_trips_every_parameter(spec):
         assert set(canonical) == {"method", "agent", "top_k", "top_p", "threshold",
                                   "fallback", "decisions"}
     assert AlignParams.parse(json.loads(json.dumps(canonical))) == params
+    # What the workers read: the canonical form after its trip through the engine's wire.
+    assert AlignParams.from_json(json.loads(json.dumps(canonical))) == params
 
 
 def test_resolve_refuses_reference_methods_without_reference():
@@ -471,3 +473,20 @@ def test_engine_config_rejects(additional_config, fragment):
     with pytest.raises(AlignConfigError) as info:
         EngineAlignConfig.parse(additional_config)
     assert fragment in str(info.value)
+
+
+def test_engine_config_is_parsed_once_per_process(monkeypatch):
+    """Every vLLM component of an engine reads the same config: parsed once, errors not kept."""
+    calls = []
+    parse = EngineAlignConfig._parse.__func__
+    monkeypatch.setattr(EngineAlignConfig, "_parse",
+                        classmethod(lambda cls, spec: calls.append(spec) or parse(cls, spec)))
+    config = {"align": {"reference_model": "/models/ref-once", "default": {"method": "aad"}}}
+    first = EngineAlignConfig.parse(config)
+    assert EngineAlignConfig.parse(json.loads(json.dumps(config))) is first
+    assert len(calls) == 1
+    bad = {"align": {"reference_model": "", "x": 1}}
+    for _ in range(2):
+        with pytest.raises(AlignConfigError):
+            EngineAlignConfig.parse(bad)
+    assert len(calls) == 3

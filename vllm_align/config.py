@@ -34,6 +34,9 @@ _METHOD_KEYS = {
 _ENGINE_KEYS = ("reference_model", "mara_agents", "default")
 EXTRA_ARGS_KEY = "align"
 
+# Parsed engine configs by their JSON: one parse per process for each (errors not kept).
+_ENGINE_CONFIGS: dict[str, "EngineAlignConfig"] = {}
+
 # |lambda| beyond this makes lam * (h_aligned - h_ref) overflow-prone for
 # ordinary logits, and every such lambda already picks the same greedy token.
 LAMBDA_MAX = 1.0e6
@@ -96,6 +99,24 @@ class AlignParams:
         return {"method": self.method}
 
     @classmethod
+    def from_json(cls, spec: Mapping[str, Any]) -> "AlignParams":
+        """The rule of a canonical spec (``to_json``'s output), read without checks.
+
+        A request's spec is validated once, where it enters the engine
+        (``patches/input_processor.py``), which replaces it by its canonical
+        form; the engine core and the workers read that form with this.
+        """
+        method = spec["method"]
+        if method == "dera":
+            return cls(method=method, lam=spec["lambda"])
+        if method == "aad":
+            return cls(method=method, alpha=spec["alpha"],
+                       entropy_threshold=spec.get("entropy_threshold"))
+        if method == "mara":
+            return cls(method=method, mara=MaraParams.from_json(spec))
+        return cls(method=method)
+
+    @classmethod
     def parse(cls, spec: Any) -> "AlignParams":
         """Parse a request's ``alignment`` object (JSON string or mapping)."""
         spec = json_object(spec, "alignment")
@@ -150,7 +171,22 @@ class EngineAlignConfig:
 
     @classmethod
     def parse(cls, additional_config: Mapping[str, Any] | None) -> "EngineAlignConfig":
+        """``additional_config["align"]``, parsed once per process for each distinct value
+        (every vLLM component of an engine reads the same config)."""
         spec = (additional_config or {}).get(EXTRA_ARGS_KEY)
+        try:
+            key = json.dumps(spec, sort_keys=True)
+        except (TypeError, ValueError):
+            key = None
+        config = _ENGINE_CONFIGS.get(key) if key is not None else None
+        if config is None:
+            config = cls._parse(spec)
+            if key is not None and json.loads(key) == spec:  # plain JSON: kept
+                _ENGINE_CONFIGS[key] = config
+        return config
+
+    @classmethod
+    def _parse(cls, spec: Any) -> "EngineAlignConfig":
         if spec is None:
             return cls()
         if not isinstance(spec, Mapping):

@@ -29,7 +29,7 @@ from vllm.v1.sample.logits_processor import (BatchUpdate, LogitsProcessor,
                                              MoveDirectionality)
 
 from vllm_align import methods
-from vllm_align.config import AlignParams, EngineAlignConfig
+from vllm_align.config import EXTRA_ARGS_KEY, AlignParams, EngineAlignConfig
 from vllm_align.engine.mara_rows import MaraRows, StepResult, move_row
 from vllm_align.engine.reference_rows import ReferencePlan
 
@@ -138,7 +138,11 @@ class AlignBatchState(LogitsProcessor):
         for index, params, _, _ in batch_update.added:
             # Overwrite unconditionally: a slot refilled by a move may arrive
             # without a matching `removed` entry.
-            self._write_row(index, self.config.resolve(params.extra_args), params.seed)
+            # The rule's canonical form, written where the request entered
+            # (patches/input_processor.py): read, not parsed again.
+            spec = (params.extra_args or {}).get(EXTRA_ARGS_KEY)
+            rule = self.config.default if spec is None else AlignParams.from_json(spec)
+            self._write_row(index, rule, params.seed)
         for src, dst, direction in batch_update.moved:
             swap = direction == MoveDirectionality.SWAP
             move_row(list(cpu.values()), src, dst, swap)

@@ -79,6 +79,11 @@ class MaraParams:
         return {key: getattr(self, key) for key in MARA_KEYS}
 
     @classmethod
+    def from_json(cls, spec: Mapping[str, Any]) -> "MaraParams":
+        """The settings of a canonical spec (``to_json``'s keys), read without checks."""
+        return cls(**{key: spec[key] for key in MARA_KEYS})
+
+    @classmethod
     def parse(cls, spec: Mapping[str, Any]) -> "MaraParams":
         """Parse the MARA keys of an ``alignment`` object.
 
