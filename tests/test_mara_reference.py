@@ -10,14 +10,12 @@ output the agent must read.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 from conftest import peaked_tiny_llama
 import torch
 
 import hf_mara_reference
-from vllm_align.mara.rules import candidate_set, walk_decisions
+from vllm_align.mara.rules import candidate_set, walk_step
 from vllm_align.toy.models import random_agent
 
 HIDDEN, VOCAB = 64, 96
@@ -60,12 +58,16 @@ def _batched_decode(model, agent, prompt, *, max_new_tokens, top_k, top_p, thres
         n = int(valid.sum())
         batch = torch.tensor([seq + [int(t)] for t in ids[0, :n]])
         res = model(input_ids=batch, use_cache=False, output_hidden_states=True)
-        a = torch.full((1, ids.shape[1]), math.nan)
-        a[0, :n] = agent.accept_prob(res.hidden_states[-1][:, -1])
-        walk = walk_decisions(a, valid, torch.tensor([threshold]),
-                              torch.tensor([fallback == "last"]), torch.tensor([False]),
-                              torch.zeros_like(a))
-        j = int(walk.chosen_index[0])
+        a = agent.accept_prob(res.hidden_states[-1][:, -1])
+        index = torch.tensor([0])
+        while True:  # the one walk, a candidate at a time
+            step = walk_step(index, torch.tensor([n]), a[index], torch.tensor([threshold]),
+                             torch.tensor([fallback == "last"]), torch.tensor([False]),
+                             torch.zeros(1))
+            if step.done.item():
+                break
+            index = step.next_index
+        j = int(step.chosen_index[0])
         seq.append(int(ids[0, j]))
         out.append(seq[-1])
         logits = res.logits[j, -1]

@@ -9,11 +9,10 @@ from vllm_align.mara.agent import (AgentWidthError, MaraAgent, MaraAgentError, l
                                    save_agent)
 from vllm_align.mara.config import (MaraParams, parse_agent_arg, parse_agent_args,
                                     parse_agent_map)
-from vllm_align.mara.rules import (Walk, WalkStep, candidate_set, policy_probs,
-                                   walk_decisions, walk_step)
+from vllm_align.mara.rules import WalkStep, candidate_set, walk_log_ratio, walk_step
 
 __all__ = [
-    "AgentWidthError", "MaraAgent", "MaraAgentError", "load_agent", "save_agent", "MaraParams", "parse_agent_arg", "parse_agent_args",
-    "parse_agent_map", "Walk", "WalkStep", "candidate_set", "policy_probs", "walk_decisions",
-    "walk_step",
+    "AgentWidthError", "MaraAgent", "MaraAgentError", "load_agent", "save_agent", "MaraParams",
+    "parse_agent_arg", "parse_agent_args", "parse_agent_map", "WalkStep", "candidate_set",
+    "walk_log_ratio", "walk_step",
 ]

@@ -132,29 +132,6 @@ def candidate_set(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 # Walking the candidates
 # ---------------------------------------------------------------------------
 
-class Walk(NamedTuple):
-    """Outcome of one MARA step per row.
-
-    Attributes:
-        chosen_index: [B] int64, the emitted candidate's 0-based position in
-            the walk order; this is the paper's "accepted token position"
-            (Figure 3), forced fallbacks included.
-        num_evaluated: [B] int64, how many candidates the agent was asked
-            about: the accepted position + 1 when the agent accepted one;
-            ``n − 1`` ("last") or ``n`` ("first") when it rejected all it was
-            asked; 0 for a lone candidate. In the engine each asked candidate
-            costs one forward of that candidate; so does the emitted token
-            (it is the same forward when the agent accepted or the forced
-            candidate is "last", one more when "first" is forced).
-        fallback: [B] bool, True when the agent rejected every candidate it
-            was asked about and the fallback chose (never for a lone candidate).
-    """
-
-    chosen_index: torch.Tensor
-    num_evaluated: torch.Tensor
-    fallback: torch.Tensor
-
-
 def _accepts(accept_prob: torch.Tensor, threshold: torch.Tensor, sampled: torch.Tensor,
              uniform: torch.Tensor) -> torch.Tensor:
     """Agent decisions: ``u < a`` where sampled, ``a > threshold`` elsewhere (broadcasts)."""
@@ -167,43 +144,8 @@ def _num_asked(n_valid: torch.Tensor, fallback_last: torch.Tensor) -> torch.Tens
     return torch.where(n_valid > 1, asked, torch.zeros_like(asked))
 
 
-def walk_decisions(accept_prob: torch.Tensor, valid: torch.Tensor, threshold: torch.Tensor,
-                   fallback_last: torch.Tensor, sampled: torch.Tensor,
-                   uniform: torch.Tensor) -> Walk:
-    """The whole walk at once, given the agent's verdict on every candidate.
-
-    With ``n`` valid candidates, ``m = _num_asked(n)`` askable ones and
-    ``acc_j = (u_j < a_j) if sampled else (a_j > threshold)``::
-
-        chosen = min{j < m : acc_j}      if any
-               = n − 1  ("last")  or  0  ("first")   otherwise
-
-    Args:
-        accept_prob: [B, K] float, ``a_j`` for every candidate (columns past
-            the walk's end, or not valid, are ignored, NaN included).
-        valid: [B, K] bool prefix mask with at least one True per row.
-        threshold: [B] float in [0, 1), for greedy rows.
-        fallback_last: [B] bool, True = "last" (paper), False = "first".
-        sampled: [B] bool, True = draw each decision from ``a_j``.
-        uniform: [B, K] float U[0, 1) draws, used where ``sampled``.
-    Returns:
-        ``Walk(chosen_index, num_evaluated, fallback)``, each [B].
-    """
-    n_valid = valid.sum(dim=1)
-    num_asked = _num_asked(n_valid, fallback_last)
-    col = torch.arange(valid.shape[1], device=valid.device)
-    askable = col < num_asked.unsqueeze(1)
-    acc = _accepts(accept_prob, threshold.unsqueeze(1), sampled.unsqueeze(1), uniform) & askable
-    first_acc = (torch.cumsum(acc, dim=1) == 0).sum(dim=1)  # leading rejections; K if none
-    any_acc = first_acc < acc.shape[1]
-    forced = torch.where(fallback_last, n_valid - 1, torch.zeros_like(n_valid))
-    chosen = torch.where(any_acc, first_acc, forced)
-    num_evaluated = torch.where(any_acc, first_acc + 1, num_asked)
-    return Walk(chosen, num_evaluated, ~any_acc & (n_valid > 1))
-
-
 class WalkStep(NamedTuple):
-    """One candidate judged per row (the engine's pipelined form of the walk).
+    """One candidate judged per row: the walk, one step at a time.
 
     Attributes:
         done: [B] bool, the row emits a token this step.
@@ -211,7 +153,7 @@ class WalkStep(NamedTuple):
             current index).
         next_index: [B] int64, the candidate to feed next where not done.
         asked: [B] bool, whether the agent's verdict at this index was used
-            (counts toward ``Walk.num_evaluated``).
+            (a candidate the agent was asked about).
         accepted: [B] bool, asked and accepted (the decision's action).
     """
 
@@ -227,16 +169,23 @@ def walk_step(index: torch.Tensor, n_valid: torch.Tensor, accept_prob: torch.Ten
               uniform: torch.Tensor) -> WalkStep:
     """Judge candidate ``index`` of each row; emit it, move on, or fall back.
 
-    Iterating this from index 0 until ``done`` gives exactly
-    ``walk_decisions`` (same chosen index, ``Σ asked = num_evaluated``), one
-    candidate per call: the engine feeds one candidate per row per step.
+    The one MARA walk: the engine (``engine/mara_rows.py``) and the trainer's
+    HF rollout both iterate it from index 0 until ``done``, one judged
+    candidate per row per call. With ``n`` valid candidates, ``m`` askable
+    ones (0 if ``n = 1``, ``n − 1`` for "last", ``n`` for "first") and
+    ``acc_j = (u_j < a_j) if sampled else (a_j > threshold)``, the walk emits::
+
+        min{j < m : acc_j}                    if any
+        n − 1 ("last")  or  0 ("first")       otherwise
 
     Args:
         index: [B] int64 current candidate position, ``0 ≤ index < n_valid``.
         n_valid: [B] int64 number of valid candidates (≥ 1).
         accept_prob: [B] float, ``a`` at the current candidate (ignored where
             not asked).
-        threshold, fallback_last, sampled: [B] as in ``walk_decisions``.
+        threshold: [B] float in [0, 1), for greedy rows.
+        fallback_last: [B] bool, True = "last" (paper), False = "first".
+        sampled: [B] bool, True = draw each decision from ``a``.
         uniform: [B] float U[0, 1) draws for sampled rows.
     Returns:
         ``WalkStep``. A row whose forced choice is "first" after rejecting
@@ -339,43 +288,3 @@ def decision_uniform(seed: torch.Tensor, position: torch.Tensor,
     """
     h = _splitmix64(_splitmix64(_splitmix64(seed.long()) + position.long()) + index.long())
     return _shift_right(h, 40).float() * (1.0 / (1 << 24))
-
-
-# ---------------------------------------------------------------------------
-# The agent's policy over candidates (trainer)
-# ---------------------------------------------------------------------------
-
-def policy_probs(accept_prob: torch.Tensor, valid: torch.Tensor,
-                 fallback_last: torch.Tensor | None = None) -> torch.Tensor:
-    """π_θ over the candidates when decisions are sampled (paper eq. 6).
-
-    With ``a_j`` the accept probabilities down the list and ``n`` valid::
-
-        π_θ(t_j) = a_j · Π_{i<j} (1 − a_i)            for j < n − 1
-        π_θ(t_{n−1}) = Π_{i<n−1} (1 − a_i)            ("last": forced, the remaining mass)
-
-    With fallback "first" every candidate is asked, and the all-reject mass
-    ``Π_{i<n} (1 − a_i)`` goes to ``t_0`` instead. A lone candidate gets 1.
-    Each row sums to 1 over its valid candidates (up to rounding).
-
-    Args:
-        accept_prob: [B, K] float ``a_j`` (ignored where not valid).
-        valid: [B, K] bool prefix mask, at least one True per row.
-        fallback_last: [B] bool, or None for "last" everywhere (the paper).
-    Returns:
-        [B, K] float32 probabilities, 0 where not valid.
-    """
-    a = torch.where(valid, accept_prob.float(), 0.0)
-    n_valid = valid.sum(dim=1, keepdim=True)
-    col = torch.arange(valid.shape[1], device=valid.device)
-    survive = torch.cumprod(1.0 - a, dim=1)  # Π_{i≤j} (1 − a_i)
-    before = torch.cat([torch.ones_like(survive[:, :1]), survive[:, :-1]], dim=1)  # Π_{i<j}
-    probs = a * before
-    is_last = col == (n_valid - 1)
-    last_forced = torch.where(is_last, before, probs)
-    if fallback_last is None:
-        return torch.where(valid, last_forced, 0.0)
-    all_rejected = survive.gather(1, n_valid - 1)  # Π_{i<n} (1 − a_i)
-    first_forced = probs + torch.where(col == 0, all_rejected, 0.0)
-    out = torch.where(fallback_last.unsqueeze(1), last_forced, first_forced)
-    return torch.where(valid, out, 0.0)

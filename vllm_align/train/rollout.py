@@ -45,7 +45,8 @@ from typing import Any, Mapping, Optional, Protocol, Sequence, Union
 import torch
 
 from vllm_align.mara.agent import ACCEPT, MaraAgent
-from vllm_align.mara.rules import KEY_SPAN, candidate_set, decision_uniform
+from vllm_align.mara.rules import (KEY_SPAN, candidate_set, decision_uniform, walk_log_ratio,
+                                   walk_step)
 from vllm_align.data.prompts import Prompt
 from vllm_align.train.config import TrainConfig
 from vllm_align.train.sac import Batch
@@ -334,35 +335,36 @@ class HFRollout:
             key = n_tok * KEY_SPAN + idx
             u = decision_uniform(seeds[rows], n_tok, idx)
 
-            # Decisions. Not asked: a lone candidate, or the forced last one.
-            asked = idx < n_valid - 1
-            if decisions in ("plain", "reference"):  # no agent: the LLM's own choice
-                if decisions == "plain":
-                    accept = torch.ones_like(asked)
-                else:  # a_k = p_k / Σ_{j≥k} p_j makes π_θ(t_k) = p_k / Σ_j p_j
-                    p_k = cand_p.gather(1, idx[:, None]).squeeze(1)
-                    col = torch.arange(cand_p.shape[1], device=dev)
-                    tail = torch.where(col >= idx[:, None], cand_p, 0.0).sum(1)
-                    accept = u * tail < p_k
-                logp_acc = logp_rej = torch.zeros(rows.numel(), device=dev)
+            # Decisions, then the one walk (rules.walk_step; fallback "last").
+            b = rows.numel()
+            p_k = cand_p.gather(1, idx[:, None]).squeeze(1)
+            log_decision = torch.zeros(b, 2, device=dev)  # no agent: a_k = 1 where asked
+            if decisions == "plain":  # the LLM's own choice: accept the first candidate
+                accept_prob = torch.ones(b, device=dev)
+            elif decisions == "reference":  # a_k = p_k / Σ_{j≥k} p_j: π_θ(t_k) = p_k / Σ_j p_j
+                col = torch.arange(cand_p.shape[1], device=dev)
+                tail = torch.where(col >= idx[:, None], cand_p, 0.0).sum(1)
+                accept_prob = (u * tail < p_k).float()  # decided here, applied by the walk
             else:
                 agent_logits = self.agent.logits(hidden)
-                logp = torch.log_softmax(agent_logits, dim=-1)
-                a = torch.softmax(agent_logits, dim=-1)[:, ACCEPT]  # as MaraAgent.accept_prob
-                logp_acc, logp_rej = logp[:, ACCEPT], logp[:, 1 - ACCEPT]
-                accept = a > self.threshold if decisions == "greedy" else u < a
+                log_decision = torch.log_softmax(agent_logits, dim=-1)
+                accept_prob = torch.softmax(agent_logits, dim=-1)[:, ACCEPT]  # as MaraAgent
+            sampled = torch.full((b,), decisions == "sampled", device=dev)
+            threshold = torch.full((b,), self.threshold, device=dev)
+            last = torch.ones(b, dtype=torch.bool, device=dev)
+            step = walk_step(idx, n_valid, accept_prob, threshold, last, sampled, u)
+            asked, emit = step.asked, step.done
+            if decisions in ("sampled", "greedy"):
                 decisions_log.append((rows[asked], key[asked], hidden[asked],
-                                      accept[asked].long()))
-            emit = ~asked | accept
+                                      step.accepted[asked].long()))
             forced = ~asked & (n_valid > 1)  # the last candidate, all before it rejected
             fallbacks.index_add_(0, rows[forced], torch.ones_like(rows[forced]))
-            row_forwards += rows.numel()
+            row_forwards += b
 
             # The emitted token's log π_θ(t) − log π_ref(t) (its reward's KL term).
-            log_pi = log_reject + torch.where(asked, logp_acc, torch.zeros_like(logp_acc))
-            log_ref = cand_p.gather(1, idx[:, None]).squeeze(1).clamp_min(1e-30).log()
+            ratio = walk_log_ratio(log_reject, log_decision, asked, p_k, emit)
             if emit.any():
-                events.append((rows[emit], key[emit], (log_pi - log_ref)[emit]))
+                events.append((rows[emit], key[emit], ratio.diff[emit]))
 
             # Rejected candidates leave the context; emitted ones stay.
             mask[:, -1] = emit.long()
@@ -375,8 +377,8 @@ class HFRollout:
                 moved = emit.nonzero().squeeze(1)
                 cand[moved], cand_p[moved], valid[moved] = self._candidates(next_logits[moved])
                 n_valid = valid.sum(1)
-            idx = torch.where(emit, torch.zeros_like(idx), idx + 1)
-            log_reject = torch.where(emit, torch.zeros_like(log_reject), log_reject + logp_rej)
+            idx = torch.where(emit, torch.zeros_like(idx), step.next_index)
+            log_reject = ratio.log_reject
 
             finished = emit & ((tok[:, 0] == self.eos_id) | (n_tok >= max_len))
             if finished.any():
