@@ -134,7 +134,7 @@ def timed_run(llm, prompts, tokens: int, spec: dict | None):
     """(tokens/s, [MaraStats] or None) of one ``generate`` over ``prompts``."""
     from vllm import SamplingParams, TokensPrompt
 
-    from vllm_align.engine.stats import mara_stats
+    from vllm_align.engine.mara_stats import mara_stats
 
     sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True,
                         extra_args=None if spec is None else {"align": spec})

@@ -13,10 +13,10 @@ def apply_patches() -> None:
     global _applied
     if _applied:
         return
-    from vllm_align.patches import (attention_metadata, engine_args, input_processor,
-                                    lora_cpu_ops, model_runner, openai_request, output_processor,
-                                    prompt_logprobs, scheduler, serve_command,
-                                    vllm_config)
+    from vllm_align.patches import (attention_metadata, compiled_classes, engine_args,
+                                    input_processor, lora_cpu_ops, lora_reference, model_runner,
+                                    openai_request, output_processor, prompt_logprobs,
+                                    scheduler, serve_command, vllm_config)
 
     for patch in (vllm_config.VllmConfigPatch,  # the runner choice, read by all below
                   engine_args.EngineArgsPatch,
@@ -29,6 +29,8 @@ def apply_patches() -> None:
                   attention_metadata.AttentionMetadataPatch,  # reads the step mark set above
                   prompt_logprobs.PromptLogprobsPatch,
                   output_processor.OutputProcessorPatch,
+                  compiled_classes.ReferenceBuildPatch,  # the pair model's reference classes
+                  lora_reference.LoRAModelPatch,  # a pair model's LoRA scope; enables below
                   # inert until a pair model with LoRA enables it (lora_cpu_ops.enable)
                   lora_cpu_ops.LoRAOpsPatch,
                   lora_cpu_ops.PunicaCPUOpsPatch):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -26,12 +27,44 @@ from vllm.config import CUDAGraphMode
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from vllm_align.engine.pair_model import REFERENCE
+from vllm_align.engine.align_model import REFERENCE
+from vllm_align.engine.batch_state import align_state
 from vllm_align.engine.reference_rows import ReferencePlan, row_tokens
 from vllm_align.patches.base import VllmPatch
-from vllm_align.patches.model_runner import align_state
 
 logger = logging.getLogger("vllm.vllm_align")
+
+
+@dataclasses.dataclass
+class SubsetPlan(ReferencePlan):
+    """A ``ReferencePlan`` over some rows, with their reference layers' metadata.
+
+    Attributes:
+        attn_metadata, slot_mapping: {reference layer name: value} for the
+            reference rows alone, installed in the forward context while the
+            reference runs.
+    """
+
+    attn_metadata: dict = dataclasses.field(default_factory=dict)
+    slot_mapping: dict = dataclasses.field(default_factory=dict)
+
+    @contextmanager
+    def scope(self):
+        """vLLM's attention ops look both up by layer name in the forward context
+        (``get_attention_context``); the reference layers' entries are swapped for
+        the reference rows' and restored afterwards."""
+        from vllm.forward_context import get_forward_context
+
+        ctx = get_forward_context()
+        tables = ((ctx.attn_metadata, self.attn_metadata), (ctx.slot_mapping, self.slot_mapping))
+        saved = [{name: table[name] for name in new} for table, new in tables]
+        for table, new in tables:
+            table.update(new)
+        try:
+            yield
+        finally:
+            for (table, _), old in zip(tables, saved):
+                table.update(old)
 
 
 def _subset_supported(runner) -> bool:
@@ -68,7 +101,7 @@ def _reference_groups(runner) -> list:
 
 
 def _subset_metadata(runner, rows: np.ndarray, num_reqs: int,
-                     slot_mapping: torch.Tensor) -> ReferencePlan:
+                     slot_mapping: torch.Tensor) -> SubsetPlan:
     """Attention metadata and slot mappings of the reference layers for ``rows`` only."""
     tokens_np, sub_qsl_np = row_tokens(runner.query_start_loc.np[: num_reqs + 1], rows)
     device = runner.device
@@ -96,7 +129,7 @@ def _subset_metadata(runner, rows: np.ndarray, num_reqs: int,
         is_prefilling=is_prefilling,
         positions=runner.positions[tokens],
     )
-    plan = ReferencePlan(tokens)
+    plan = SubsetPlan(tokens)
     for group in _reference_groups(runner):
         metadata = group.build_metadata(common)
         for name in group.layer_names:

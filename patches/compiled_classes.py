@@ -10,7 +10,8 @@ reference model would read and write the aligned model's KV cache.
 ``own_compiled_classes`` builds the reference model while the compiled classes
 its architecture module refers to (e.g. ``llama.LlamaModel``) are replaced by
 module-level subclasses with a forward of their own (own code object, own
-qualname). Written for vLLM 0.32.
+qualname). ``ReferenceBuildPatch`` makes it the way the pair model builds its
+reference (``AlignForCausalLM.build_reference``). Written for vLLM 0.32.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import sys
 import types
 from contextlib import contextmanager
 
+from vllm_align.engine.align_model import AlignForCausalLM
+from vllm_align.patches.base import VllmPatch
 from vllm_align.patches.version import check_version
 
 WRITTEN_FOR = "0.32"
@@ -68,3 +71,13 @@ def _tagged_subclass(base: type, tag: str) -> type:
                                "__qualname__": name})
     setattr(here, name, cls)  # module-level, so pickling finds it by name
     return cls
+
+
+class ReferenceBuildPatch(VllmPatch):
+    target = AlignForCausalLM
+    replaces = ("build_reference",)
+
+    @staticmethod
+    def build_reference(model_cls: type, **kwargs):
+        with own_compiled_classes(model_cls, tag="Reference"):
+            return model_cls(**kwargs)

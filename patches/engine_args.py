@@ -86,7 +86,7 @@ class EngineArgsPatch(VllmPatch):
         return engine_args
 
     def create_engine_config(self, *args, **kwargs):
-        from vllm_align.engine.compat import check_agents, pair_overrides, served_overrides
+        from vllm_align.engine.overrides import check_agents, pair_overrides, served_overrides
 
         align = EngineAlignConfig.parse(self.additional_config)
         if align.needs_wrapper:
@@ -131,9 +131,9 @@ class EngineArgsPatch(VllmPatch):
                 raise AlignConfigError(
                     "vllm-align's MARA needs synchronous scheduling; drop --async-scheduling")
             self.async_scheduling = False
-            from vllm_align.engine import stats
+            from vllm_align.engine import mara_stats
 
-            stats.mara_engine_started = True
+            mara_stats.mara_engine_started = True
         aligned = EXTRA_ARGS_KEY in (self.additional_config or {})
         if aligned and BATCH_STATE not in (self.logits_processors or []):
             # Only engines with alignment load the batch state (a V1 logits

@@ -8,9 +8,9 @@ no token has an adapter skips the ops and is right). vLLM's GPU kernels skip
 index -1. Here each op runs on slot 0 for those tokens with their input rows
 zeroed, so they add (or write) zero, as on the GPU.
 
-Only engines that serve a LoRA pair or a pair with LoRA turn the fix on (the
-pair model does, ``enable()``): an engine without alignment configuration
-runs vLLM's ops as they are. The ops are bound by name in two modules (the ops
+Only engines that serve a LoRA pair or a pair with LoRA turn the fix on
+(``lora_reference.LoRAModelPatch`` calls ``enable()``): an engine without
+alignment configuration runs vLLM's ops as they are. The ops are bound by name in two modules (the ops
 module, where the segmented ops look them up, and the CPU punica wrapper's),
 one patch class each. Written for vLLM 0.32.
 """

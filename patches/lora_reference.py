@@ -17,7 +17,13 @@ afterwards. The no-adapter mapping depends only on its length, so it is
 rebuilt only when the length changes. The prompt-logprobs loop scores one
 row's prompt positions at a time, where the step's mapping has one row per
 sampled token of the batch: there the aligned LM head reads a mapping of
-those positions, all with the row's adapter. Written for vLLM 0.32.
+those positions, all with the row's adapter.
+
+Installed where vLLM's LoRA manager takes the model over
+(``LoRAModelRunnerMixin.load_lora_model``): a pair model (one with a
+``lora_scope`` slot) gets ``PinnedAdapter(...).over`` as its ``lora_scope``,
+and the CPU ops' no-adapter fix is turned on for this process
+(``lora_cpu_ops.py``). Written for vLLM 0.32.
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from torch import nn
+from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
 
+from vllm_align.patches import lora_cpu_ops
+from vllm_align.patches.base import VllmPatch
 from vllm_align.patches.version import check_version
 
 WRITTEN_FOR = "0.32"
@@ -70,3 +79,15 @@ class PinnedAdapter:
         finally:
             for layer, punica in zip(self._layers, self._saved):
                 layer.set_mapping(punica)
+
+
+class LoRAModelPatch(VllmPatch):
+    target = LoRAModelRunnerMixin
+    replaces = ("load_lora_model",)
+
+    def load_lora_model(self, model, *args, **kwargs):
+        model = LoRAModelPatch.original("load_lora_model")(self, model, *args, **kwargs)
+        if hasattr(model, "lora_scope"):  # a pair model: its reference reads no adapter
+            lora_cpu_ops.enable()  # rows without an adapter get none (CPU ops)
+            model.lora_scope = PinnedAdapter(model.lora_manager, model).over
+        return model

@@ -38,23 +38,9 @@ import numpy as np
 import torch
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from vllm_align.engine.batch_state import AlignBatchState
-from vllm_align.engine.stats import MARA_REPORT_ATTR
+from vllm_align.engine.batch_state import align_state
+from vllm_align.engine.mara_stats import MARA_REPORT_ATTR
 from vllm_align.patches.base import VllmPatch
-
-
-def align_state(runner) -> AlignBatchState | None:
-    """The runner's batch state (one of its logits processors); None without alignment.
-
-    Looked up again when vLLM rebuilds the input batch (it may, once the KV
-    cache's block size is known), which rebuilds its logits processors.
-    """
-    batch = runner.input_batch
-    cached = runner.__dict__.get("_vllm_align_state")
-    if cached is None or cached[0] is not batch:
-        state = next((p for p in batch.logitsprocs.all if isinstance(p, AlignBatchState)), None)
-        cached = runner._vllm_align_state = (batch, state)
-    return cached[1]
 
 
 def _mara_state(runner):
@@ -98,8 +84,7 @@ class ModelRunnerPatch(VllmPatch):
             n = self.input_batch.num_reqs
             batch = self.input_batch
             position = batch.num_tokens_no_spec[:n] - batch.num_prompt_tokens[:n]
-            state.set_step_inputs(self.discard_request_mask.gpu[:n],
-                                  self.discard_request_mask.np[:n], position.astype(np.int64))
+            state.set_step_inputs(self.discard_request_mask.gpu[:n], position.astype(np.int64))
         return out
 
     def _sample(self, *args, **kwargs):

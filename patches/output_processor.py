@@ -1,7 +1,7 @@
 """``OutputProcessor``: MARA acceptance statistics as Prometheus metrics.
 
 A finished MARA sequence carries its acceptance record on its final engine
-output (``vllm_align/engine/stats.py``); the API process adds it to
+output (``vllm_align/engine/mara_stats.py``); the API process adds it to
 process-wide counters that ``vllm serve`` exports on ``/metrics``:
 
 * ``vllm_align:mara_tokens_total``: tokens emitted by MARA sequences;
@@ -48,11 +48,11 @@ class OutputProcessorPatch(VllmPatch):
     replaces = ("process_outputs",)
 
     def process_outputs(self, engine_core_outputs, *args, **kwargs):
-        from vllm_align.engine import stats
+        from vllm_align.engine import mara_stats
 
         # Only where this process started an engine with MARA agents (which
         # refuses speculative decoding, the other user of these records).
-        for out in engine_core_outputs if stats.mara_engine_started else ():
+        for out in engine_core_outputs if mara_stats.mara_engine_started else ():
             if out.spec_decode_metrics is not None and out.finish_reason is not None:
                 record(out.spec_decode_metrics)
         return OutputProcessorPatch.original("process_outputs")(

@@ -24,9 +24,8 @@ from __future__ import annotations
 
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from vllm_align.engine.batch_state import PromptHidden
+from vllm_align.engine.batch_state import PromptHidden, align_state
 from vllm_align.patches.base import VllmPatch
-from vllm_align.patches.model_runner import align_state
 
 
 class PromptLogprobsPatch(VllmPatch):

@@ -18,7 +18,7 @@ one token per step), and the runner moves the row one position ahead
 Per-token acceptance statistics (position of the emitted candidate,
 candidates evaluated) arrive with the runner's output and are kept on the
 request as vLLM's per-sequence acceptance record, returned with the final
-output (``vllm_align.engine.stats`` reads it back). Written for vLLM 0.32.
+output (``vllm_align.engine.mara_stats`` reads it back). Written for vLLM 0.32.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
 
 from vllm_align.config import EngineAlignConfig
-from vllm_align.engine.stats import MARA_REPORT_ATTR
+from vllm_align.engine.mara_stats import MARA_REPORT_ATTR
 from vllm_align.patches.base import VllmPatch
 
 

@@ -99,3 +99,36 @@ def test_greedy_decisions_match_hf(hf, engine, prompts):
     assert torch.equal(got.transitions.action, ref.transitions.action)
     with pytest.raises(ValueError, match="'sampled' or 'greedy'"):
         engine.collect(prompts[:1], None, seed=0, decisions="plain")
+
+
+def test_only_a_recording_engine_keeps_a_trace(hf, engine, prompts):
+    """Recording is installed by the worker extension; turned off, the engine's MARA rows
+    are a serving engine's again (no trace, no record step) and decode the same tokens."""
+    def rows_kind(worker):
+        from vllm_align.engine.batch_state import align_state
+        mara = align_state(worker.model_runner).mara
+        return type(mara).__name__, hasattr(mara, "log_reject") or hasattr(mara, "_steps")
+
+    llm, some, actor = engine.llm, prompts[:4], _actor(hf, seed=4)
+    recorded = engine.collect(some, actor, seed=1)
+    assert llm.collective_rpc(rows_kind) == [("RecordingMaraRows", True)]
+    llm.collective_rpc("vllm_align_record", args=(False,))
+    try:
+        assert llm.collective_rpc(rows_kind) == [("MaraRows", False)]
+        assert llm.collective_rpc("vllm_align_take_records") == [b""]
+        from vllm import SamplingParams, TokensPrompt
+
+        from vllm_align.train.engine_rollout import AGENT
+        from vllm_align.train.rollout import episode_seeds
+        align = {"method": "mara", "agent": AGENT, "top_k": engine.top_k, "top_p": engine.top_p,
+                 "threshold": engine.threshold, "fallback": "last", "decisions": "sampled"}
+        params = [SamplingParams(max_tokens=MAX_LEN, temperature=0.0, seed=s,
+                                 extra_args={"align": align})
+                  for s in episode_seeds(1, len(some))]
+        outputs = engine._decode([TokensPrompt(prompt_token_ids=list(p.token_ids))
+                                  for p in some], params)
+        assert llm.collective_rpc("vllm_align_take_records") == [b""]
+    finally:
+        llm.collective_rpc("vllm_align_record", args=(True,))
+    assert [list(o.outputs[0].token_ids) for o in outputs] == [
+        e.token_ids for e in recorded.episodes]

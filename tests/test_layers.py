@@ -12,11 +12,14 @@ Layers, lowest first; a module may import its own layer or lower ones:
 
 0. pure math and configuration, no vLLM: ``checks``, ``config``, ``fields``, ``methods``,
    ``mara/``
-1. the engine: ``engine/``, ``patches/`` and the plugin entry point ``vllm_align``
-2. the data tools: ``data/`` (prompt sets, reward scorers, generate-pairs, sweep, eval)
-3. the trainer: ``train/``
-4. the toy world: ``toy/``
-5. the command line and the demo: ``cli/``
+1. the engine on vLLM's public plugin interfaces: ``engine/`` (the pair model, the batch
+   state, the rollout worker extension)
+2. every reach past those interfaces: ``patches/``, and the plugin entry point ``vllm_align``
+   that applies them; patches import the engine, never the reverse
+3. the data tools: ``data/`` (prompt sets, reward scorers, generate-pairs, sweep, eval)
+4. the trainer: ``train/``
+5. the toy world: ``toy/``
+6. the command line and the demo: ``cli/``
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ PACKAGE = "vllm_align"
 LAYERS = (
     ("vllm_align.checks", "vllm_align.config", "vllm_align.fields", "vllm_align.methods",
      "vllm_align.mara"),
-    ("vllm_align", "vllm_align.engine", "vllm_align.patches"),
+    ("vllm_align.engine",),
+    ("vllm_align", "vllm_align.patches"),
     ("vllm_align.data",),
     ("vllm_align.train",),
     ("vllm_align.toy",),

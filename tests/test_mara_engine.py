@@ -16,7 +16,7 @@ from vllm import LLM, SamplingParams, TokensPrompt
 
 import hf_mara_reference
 import hf_reference
-from vllm_align.engine.stats import mara_stats
+from vllm_align.engine.mara_stats import mara_stats
 from vllm_align.mara.agent import save_agent
 from vllm_align.toy.models import random_agent
 

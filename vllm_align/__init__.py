@@ -17,4 +17,4 @@ def register() -> None:
 
     apply_patches()
     ModelRegistry.register_model(
-        "AlignedPairForCausalLM", "vllm_align.engine.pair_model:AlignedPairForCausalLM")
+        "AlignForCausalLM", "vllm_align.engine.align_model:AlignForCausalLM")

@@ -166,7 +166,7 @@ class EngineAlignConfig:
 
     @property
     def needs_wrapper(self) -> bool:
-        """Whether the engine must run the served model inside ``AlignedPairForCausalLM``."""
+        """Whether the engine must run the served model inside ``AlignForCausalLM``."""
         return self.reference_model is not None or bool(self.mara_agents)
 
     @classmethod

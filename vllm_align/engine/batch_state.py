@@ -5,7 +5,7 @@ alignment configuration only (``patches/engine_args.py`` adds it to their
 ``logits_processors``; a plain engine never loads it). It does not touch the
 logits itself: vLLM computes raw logprobs *before* logits processors run, and
 returned logprobs must describe the distribution actually used. So the rule is
-applied inside the pair model's ``compute_logits`` (see ``pair_model.py``),
+applied inside the pair model's ``compute_logits`` (see ``align_model.py``),
 which reads the tensors kept here. This class only:
 
 * mirrors the persistent batch: rows are written when requests join, moved
@@ -30,7 +30,8 @@ from vllm.v1.sample.logits_processor import (BatchUpdate, LogitsProcessor,
 
 from vllm_align import methods
 from vllm_align.config import EXTRA_ARGS_KEY, AlignParams, EngineAlignConfig
-from vllm_align.engine.mara_rows import MaraRows, StepResult, move_row
+from vllm_align.engine.batch_rows import move_row
+from vllm_align.engine.mara_rows import MaraRows, StepResult
 from vllm_align.engine.reference_rows import ReferencePlan
 
 @dataclass
@@ -117,7 +118,6 @@ class AlignBatchState(LogitsProcessor):
             n, vllm_config.model_config.get_vocab_size(), device, is_pin_memory,
             list(self.config.mara_agents))
         self.discard: torch.Tensor | None = None
-        self.discard_cpu = None
         self.position: torch.Tensor | None = None
         self.mara_result: StepResult | None = None
 
@@ -190,10 +190,10 @@ class AlignBatchState(LogitsProcessor):
         plan, self.reference_plan = self.reference_plan, None
         return plan
 
-    def set_step_inputs(self, discard: torch.Tensor, discard_cpu, position) -> None:
-        """The step's partial-prefill rows ([B] bool, device and host numpy) and
+    def set_step_inputs(self, discard: torch.Tensor, position) -> None:
+        """The step's partial-prefill rows ([B] bool, device) and
         each row's response position ([B] int64 host numpy: tokens emitted so far)."""
-        self.discard, self.discard_cpu = discard, discard_cpu
+        self.discard = discard
         self.position = torch.from_numpy(position).to(self.device, non_blocking=True)
 
     # -- used by the pair model -----------------------------------------
@@ -267,10 +267,22 @@ class AlignBatchState(LogitsProcessor):
         """
         n = aligned.shape[0]
         is_mara = self._dev["method"][:n] == methods.MARA
-        is_mara_cpu = self._cpu["method"][:n] == methods.MARA
         if self.discard is not None:  # partial prefills: vLLM drops their output
             is_mara = is_mara & ~self.discard[:n].to(is_mara.device)
-            is_mara_cpu = is_mara_cpu & ~torch.from_numpy(self.discard_cpu[:n])
-        out, self.mara_result = self.mara.step(aligned, hidden, is_mara, is_mara_cpu, agents,
-                                               others, self.position[:n])
+        out, self.mara_result = self.mara.step(aligned, hidden, is_mara, agents, others,
+                                               self.position[:n])
         return out
+
+
+def align_state(runner) -> AlignBatchState | None:
+    """The runner's batch state (one of its logits processors); None without alignment.
+
+    Looked up again when vLLM rebuilds the input batch (it may, once the KV
+    cache's block size is known), which rebuilds its logits processors.
+    """
+    batch = runner.input_batch
+    cached = runner.__dict__.get("_vllm_align_state")
+    if cached is None or cached[0] is not batch:
+        state = next((p for p in batch.logitsprocs.all if isinstance(p, AlignBatchState)), None)
+        cached = runner._vllm_align_state = (batch, state)
+    return cached[1]

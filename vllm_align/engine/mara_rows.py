@@ -33,19 +33,9 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from vllm_align.engine.mara_trace import DecisionTrace
+from vllm_align.engine.batch_rows import move_row
 from vllm_align.mara.agent import ACCEPT, MaraAgent
-from vllm_align.mara.rules import (KEY_SPAN, candidate_set, decision_uniform, walk_log_ratio,
-                                   walk_step)
-
-
-def move_row(tensors: Sequence[torch.Tensor], src: int, dst: int, swap: bool) -> None:
-    """Row ``src`` of every tensor moves to ``dst`` (or the two rows swap): a batch diff."""
-    for t in tensors:
-        if swap:
-            t[[src, dst]] = t[[dst, src]]
-        else:
-            t[dst] = t[src]
+from vllm_align.mara.rules import WalkStep, candidate_set, decision_uniform, walk_step
 
 
 class StepResult(NamedTuple):
@@ -82,9 +72,7 @@ class MaraRows:
         n_valid: [N] int64 candidates in the list; index: [N] int64 the one
         fed this step; pending: [N] bool a candidate list exists; forced:
         [N] bool the fed candidate is emitted unasked (fallback "first");
-        asked: [N] int64 agent verdicts used so far at this position;
-        log_reject: [N] float32 ``Σ log(1 − a_j)`` over the rejections at this
-        position (kept while a ``DecisionTrace`` records).
+        asked: [N] int64 agent verdicts used so far at this position.
     Host mirrors (for the runner, which must place ``next_input`` before the
     step's forward): pending_cpu [N] bool, next_input_cpu [N] int64.
     """
@@ -117,12 +105,9 @@ class MaraRows:
             "pending": torch.zeros(n, dtype=torch.bool, device=device),
             "forced": torch.zeros(n, dtype=torch.bool, device=device),
             "asked": torch.zeros(n, dtype=torch.int64, device=device),
-            "log_reject": torch.zeros(n, dtype=torch.float32, device=device),
         }
         self.pending_cpu = torch.zeros(n, dtype=torch.bool)
         self.next_input_cpu = torch.zeros(n, dtype=torch.int64)
-        # Set by a trainer that rolls out in this engine (engine/training.py).
-        self.trace: DecisionTrace | None = None
 
     # -- batch layout (from BatchUpdate diffs) ----------------------------
     def write_row(self, index: int, mara, seed: int | None) -> None:
@@ -180,15 +165,14 @@ class MaraRows:
                            torch.rand(num_rows, device=self.device))
 
     def step(self, logits: torch.Tensor, hidden: torch.Tensor, is_mara: torch.Tensor,
-             is_mara_cpu: torch.Tensor, agents: Sequence[MaraAgent], others: torch.Tensor,
+             agents: Sequence[MaraAgent], others: torch.Tensor,
              position: torch.Tensor) -> tuple[torch.Tensor, StepResult]:
         """Judge each MARA row's fed candidate and choose what it feeds next.
 
         Args:
             logits: [B, V] the served LLM's logits at each row's last fed token.
             hidden: [B, d] its final hidden states there (the agent's state).
-            is_mara: [B] bool, MARA rows whose output this step is kept;
-                is_mara_cpu: the same on the host.
+            is_mara: [B] bool, MARA rows whose output this step is kept.
             agents: the engine's agents, indexed by the ``agent`` codes.
             others: [B, V] float32 logits for the non-MARA rows (their rules).
             position: [B] int64 tokens each row has emitted so far.
@@ -198,11 +182,14 @@ class MaraRows:
             returns the emitted token, ``others`` elsewhere; and the
             ``StepResult``.
         """
-        b = logits.shape[0]
+        return self.advance(self.judge(hidden, is_mara, agents, position), logits, others)
+
+    def judge(self, hidden: torch.Tensor, is_mara: torch.Tensor, agents: Sequence[MaraAgent],
+              position: torch.Tensor) -> "Judgement":
+        """The agents' verdicts on the fed candidates (state unchanged; see ``step``)."""
+        b = hidden.shape[0]
         p = {k: v[:b] for k, v in self.params.items()}
         s = {k: v[:b] for k, v in self.state.items()}
-        judging = is_mara & s["pending"]
-
         decision_logits = None
         for code, agent in enumerate(agents):
             # One agent: every row at once, no host sync to gather its rows.
@@ -212,25 +199,29 @@ class MaraRows:
         accept_prob = torch.softmax(decision_logits, dim=-1)[:, ACCEPT]
         walk = walk_step(s["index"], s["n_valid"], accept_prob, p["threshold"],
                          p["fallback_last"], p["sampled"], self.decision_uniforms(b, position))
+        judging = is_mara & s["pending"]
         done = walk.done | s["forced"]
         chosen = torch.where(s["forced"], s["index"], walk.chosen_index)
-        asked_now = walk.asked & ~s["forced"]
-        asked = torch.where(judging, s["asked"] + asked_now.long(), s["asked"])
-
         emit = judging & done & (chosen == s["index"])
-        refeed = judging & done & ~emit  # fallback "first": feed the first candidate again
+        return Judgement(is_mara, judging, decision_logits, walk, walk.asked & ~s["forced"],
+                         done, chosen, emit, is_mara & (~s["pending"] | emit))
+
+    def advance(self, j: "Judgement", logits: torch.Tensor,
+                others: torch.Tensor) -> tuple[torch.Tensor, StepResult]:
+        """Apply a ``Judgement``: the rows' next candidates and the step's logits."""
+        b = logits.shape[0]
+        p = {k: v[:b] for k, v in self.params.items()}
+        s = {k: v[:b] for k, v in self.state.items()}
+        asked = torch.where(j.judging, s["asked"] + j.asked.long(), s["asked"])
+        refeed = j.judging & j.done & ~j.emit  # fallback "first": feed the first candidate again
         emitted = s["cand"].gather(1, s["index"].unsqueeze(1)).squeeze(1)
         position_in_list, evaluated = s["index"].clone(), asked.clone()
 
         # New candidate lists: after prefill / re-entry, and after each emit.
-        fresh = is_mara & (~s["pending"] | emit)
-        if self.trace is not None:
-            self._record(is_mara_cpu, s, hidden, decision_logits, position, asked_now,
-                         walk.accepted, emit, fresh)
-
-        index = torch.where(judging & ~done, walk.next_index, s["index"])
-        index = torch.where(refeed, chosen, index)
-        forced = torch.where(judging, refeed, s["forced"])
+        fresh = j.fresh
+        index = torch.where(j.judging & ~j.done, j.walk.next_index, s["index"])
+        index = torch.where(refeed, j.chosen, index)
+        forced = torch.where(j.judging, refeed, s["forced"])
         ids, probs, valid = candidate_set(logits, p["top_k"], p["top_p"], self.max_k)
         cand = torch.where(fresh.unsqueeze(1), ids, s["cand"])
         cand_prob = torch.where(fresh.unsqueeze(1), probs, s["cand_prob"])
@@ -238,7 +229,7 @@ class MaraRows:
         index = torch.where(fresh, 0, index)
         forced = forced & ~fresh
         asked = torch.where(fresh, 0, asked)
-        pending = s["pending"] | is_mara
+        pending = s["pending"] | j.is_mara
 
         for name, value in (("cand", cand), ("cand_prob", cand_prob), ("n_valid", n_valid),
                             ("index", index), ("forced", forced), ("asked", asked),
@@ -246,29 +237,35 @@ class MaraRows:
             s[name].copy_(value)
         next_input = cand.gather(1, index.unsqueeze(1)).squeeze(1)
 
-        token = torch.where(emit, emitted, next_input)
+        token = torch.where(j.emit, emitted, next_input)
         one_hot = torch.full_like(others, float("-inf"))
         one_hot.scatter_(1, token.unsqueeze(1), 0.0)
-        out = torch.where(is_mara.unsqueeze(1), one_hot, others)
-        return out, StepResult(is_mara, emit | ~is_mara, position_in_list, evaluated, next_input)
+        out = torch.where(j.is_mara.unsqueeze(1), one_hot, others)
+        return out, StepResult(j.is_mara, j.emit | ~j.is_mara, position_in_list, evaluated,
+                               next_input)
 
-    def _record(self, is_mara_cpu, s, hidden, decision_logits, position, asked, accepted, emit,
-                fresh) -> None:
-        """Add this step's judged candidates of seeded rows to ``self.trace``.
 
-        The emitted token's ``log π_θ(t) − log π_ref(t)`` (the trainer's KL
-        term) is ``log_reject + log a`` (``a`` → 1 unasked) minus the log of
-        its probability under the LLM; ``log_reject`` accumulates
-        ``log(1 − a_j)`` over the position's rejections.
-        """
-        b = hidden.shape[0]
-        rows = (is_mara_cpu & self.pending_cpu[:b] & self.params_cpu["seeded"][:b]).nonzero()
-        p_ref = s["cand_prob"].gather(1, s["index"].unsqueeze(1)).squeeze(1)
-        diff, log_reject = walk_log_ratio(s["log_reject"], torch.log_softmax(decision_logits, -1),
-                                          asked, p_ref, fresh | emit)
-        s["log_reject"].copy_(log_reject)
-        if rows.numel():
-            rows = rows.squeeze(1).to(hidden.device, non_blocking=True)
-            self.trace.record(rows, seed=self.params["seed"], key=position * KEY_SPAN + s["index"],
-                              asked=asked, accepted=accepted, emit=emit, diff=diff,
-                              state=hidden.float())
+class Judgement(NamedTuple):
+    """The agents' verdicts of one step, before the walk state moves on (all [B]).
+
+    Attributes:
+        is_mara: MARA rows whose output this step is kept.
+        judging: those with a fed candidate to judge (not a fresh start).
+        decision_logits: [B, 2] the row's agent's (reject, accept) logits.
+        walk: the walk's ``WalkStep`` at each row's index.
+        asked: the agent's verdict was used (not a forced re-feed).
+        done: the position ends (an emit, or a re-feed of the first candidate).
+        chosen: the candidate the walk chose where done.
+        emit: the row emits its fed candidate.
+        fresh: the row gets a new candidate list (a start, or after an emit).
+    """
+
+    is_mara: torch.Tensor
+    judging: torch.Tensor
+    decision_logits: torch.Tensor
+    walk: WalkStep
+    asked: torch.Tensor
+    done: torch.Tensor
+    chosen: torch.Tensor
+    emit: torch.Tensor
+    fresh: torch.Tensor

@@ -6,7 +6,7 @@ the tokens of those rows alone (decode and chunked-prefill tokens alike):
 
     rows R (host, sorted) -> their tokens idx [T_R] within the step's [T]
     reference(input_ids[idx], positions[idx]) with attention metadata built
-        for the R rows (``patches/attention_metadata.py``)
+        for the R rows (``patches/attention_metadata.py``, ``ReferencePlan.scope``)
     h_ref [T, H] = 0, h_ref[idx] = that output   (rows outside R never read it)
 
 KV: both models' layers share one KV-cache group, so a block computed by a
@@ -19,8 +19,8 @@ MARA's candidate feeding) recomputes or reuses only a request's own blocks.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -73,33 +73,14 @@ class ReferencePlan:
     Attributes:
         tokens: [T_R] int64 device indices of the reference rows' tokens, or
             None: no row reads the reference (its forward is skipped).
-        attn_metadata, slot_mapping: {reference layer name: value} for the
-            reference rows alone, installed in the forward context while the
-            reference runs.
+
+    ``scope()`` is the context the reference's forward over ``tokens`` runs
+    in: the attention metadata of those rows alone, installed by the plan that
+    ``patches/attention_metadata.py`` builds (vLLM's forward context is
+    internal); here, nothing to install.
     """
 
     tokens: torch.Tensor | None
-    attn_metadata: dict = field(default_factory=dict)
-    slot_mapping: dict = field(default_factory=dict)
 
-
-@contextmanager
-def reference_forward_context(plan: ReferencePlan):
-    """Install the plan's per-layer attention metadata and slot mappings.
-
-    vLLM's attention ops look both up by layer name in the forward context
-    (``get_attention_context``); the reference layers' entries are swapped
-    for the reference rows' and restored afterwards.
-    """
-    from vllm.forward_context import get_forward_context
-
-    ctx = get_forward_context()
-    tables = ((ctx.attn_metadata, plan.attn_metadata), (ctx.slot_mapping, plan.slot_mapping))
-    saved = [{name: table[name] for name in new} for table, new in tables]
-    for table, new in tables:
-        table.update(new)
-    try:
-        yield
-    finally:
-        for (table, _), old in zip(tables, saved):
-            table.update(old)
+    def scope(self):
+        return nullcontext()

@@ -2,7 +2,7 @@
 
 The engine serves the LLM with one MARA agent, ``AGENT``, whose weights are
 the SAC actor's: ``collect`` copies the newest actor into it (through
-``LLM.collective_rpc``, ``engine/training.py``; no restart, the LLM stays
+``LLM.collective_rpc``, ``engine/rollout_worker.py``; no restart, the LLM stays
 loaded), then decodes one request per episode with sampled decisions
 (``"decisions": "sampled"``, fallback "last"), each request seeded with its
 episode's seed (``rollout.episode_seeds``). A seeded decision draws
@@ -10,7 +10,7 @@ episode's seed (``rollout.episode_seeds``). A seeded decision draws
 both rollouts make the same decisions on the same states.
 
 The engine records each judged candidate of these seeded rows
-(``engine/mara_trace.py``: the state, the action, the emitted token's
+(``engine/rollout_worker.py``: the state, the action, the emitted token's
 ``log π_θ − log π_ref``), kept on the worker's device during the rollout and
 fetched once at its end; the episodes' tokens and candidate positions come
 with the request outputs. ``rollout.assemble`` turns both into transitions, as
@@ -94,7 +94,7 @@ def rollout_engine(spec: RolloutSpec):
     from vllm import LLM
     from vllm.platforms import current_platform
 
-    from vllm_align.engine.training import WORKER_EXTENSION
+    from vllm_align.engine.rollout_worker import WORKER_EXTENSION
 
     hf_config = AutoConfig.from_pretrained(spec.model)
     kwargs = engine_kwargs(spec, hf_config)
@@ -159,7 +159,7 @@ class EngineRollout:
         from safetensors.torch import load
         from vllm import SamplingParams, TokensPrompt
 
-        from vllm_align.engine.stats import mara_stats
+        from vllm_align.engine.mara_stats import mara_stats
 
         if decisions not in ("sampled", "greedy"):
             raise ValueError(f"the engine rollout takes decisions 'sampled' or 'greedy' (of "
@@ -220,7 +220,7 @@ class EngineRollout:
 
 def walk_records(records: Mapping[str, torch.Tensor], seeds: Sequence[int],
                  hidden_size: int) -> WalkRecords:
-    """The engine's records (``engine/mara_trace.py``) → ``WalkRecords`` of these episodes.
+    """The engine's records (``engine/rollout_worker.py``) → ``WalkRecords`` of these episodes.
 
     Records of other seeds are dropped; a candidate recorded twice (a preempted
     request walks its position again, with the same draws) is kept once, the

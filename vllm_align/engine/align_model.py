@@ -1,13 +1,12 @@
-"""The aligned and reference models as one vLLM model, run in lockstep.
+"""The served model as vllm-align runs it: each row's rule applied in ``compute_logits``.
 
-(With MARA agents and no reference model, the same class wraps the served
-model alone, so that MARA sees its final hidden states.)
-
-``AlignedPairForCausalLM`` wraps two instances of the served architecture,
-built under the prefixes ``aligned`` and ``reference``. vLLM sees one model:
-both models' attention layers land in the same KV-cache group, so they share
-block tables, continuous batching, chunked prefill and prefix caching, with no
-second scheduler; the KV budget per token doubles.
+``AlignForCausalLM`` wraps the served architecture (the aligned model,
+prefix ``aligned``) and, with a reference model, a second instance of it
+(prefix ``reference``), run in lockstep; with MARA agents and no reference it
+wraps the served model alone, so that MARA sees its final hidden states.
+vLLM sees one model: both models' attention layers land in the same KV-cache
+group, so they share block tables, continuous batching, chunked prefill and
+prefix caching, with no second scheduler; the KV budget per token doubles.
 
 Data flow of one step (B sequences, T scheduled tokens, H hidden size):
 
@@ -33,6 +32,10 @@ LoRA: adapters apply to the aligned model (its modules are named
 pair is a LoRA pair: the reference runs on the aligned model's weights, held
 once (``lora_pair.py``), and a row's adapter makes its aligned model. The
 reference never reads an adapter (``patches/lora_reference.py``).
+
+The model's reaches into vLLM internals are installed by ``patches/`` (the
+reference's compiled classes, its LoRA scope, its rows' forward context:
+``ReferencePlan.scope``); this module imports none of it.
 """
 
 from __future__ import annotations
@@ -52,24 +55,25 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 from vllm_align.config import EngineAlignConfig
 from vllm_align.engine.batch_state import PromptSlice
 from vllm_align.engine.lora_pair import aligned_lora_names, share_base_weights
-from vllm_align.engine.reference_rows import reference_forward_context
 from vllm_align.mara.agent import load_agent
-from vllm_align.patches.compiled_classes import own_compiled_classes
-from vllm_align.patches import lora_cpu_ops
-from vllm_align.patches.lora_reference import PinnedAdapter
 
-ARCH = "AlignedPairForCausalLM"
+ARCH = "AlignForCausalLM"
 # The two sub-models' prefixes: their parameters' and attention layers' names start so.
 ALIGNED, REFERENCE = "aligned.", "reference."
 # hf_config attribute (set through hf_overrides) naming the wrapped architecture.
 INNER_ARCH_ATTR = "vllm_align_inner_architectures"
 
 
-class AlignedPairForCausalLM(nn.Module, SupportsLoRA):
-    """Aligned model + reference model of the same architecture, one forward."""
+class AlignForCausalLM(nn.Module, SupportsLoRA):
+    """The aligned model, the reference model (if any) and the MARA agents, one forward."""
 
     # Empty: vLLM's LoRA manager then gathers the sub-models' packed-module maps.
     packed_modules_mapping: dict = {}
+
+    # How the reference sub-model is built. vLLM compiles per class, so the
+    # reference needs compiled classes of its own; ``patches/compiled_classes.py``
+    # installs the builder that makes them (engine/ never imports patches/).
+    build_reference = staticmethod(lambda model_cls, **kwargs: model_cls(**kwargs))
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -92,8 +96,8 @@ class AlignedPairForCausalLM(nn.Module, SupportsLoRA):
                 align.reference_model, trust_remote_code=model_config.trust_remote_code)
             ref_config = vllm_config.with_hf_config(ref_hf_config, architectures=inner_archs)
             ref_prefix = maybe_prefix(prefix, REFERENCE[:-1])
-            with own_compiled_classes(model_cls, tag="Reference"):
-                self.reference = model_cls(vllm_config=ref_config, prefix=ref_prefix)
+            self.reference = self.build_reference(model_cls, vllm_config=ref_config,
+                                                  prefix=ref_prefix)
             if self.shares_base:
                 share_base_weights(self.aligned, self.reference, ref_prefix + ".", vllm_config)
             else:
@@ -102,13 +106,15 @@ class AlignedPairForCausalLM(nn.Module, SupportsLoRA):
                     align.reference_model, revision=None, prefix=REFERENCE)]
             self._hidden_sizes.append(ref_hf_config.hidden_size)
         if vllm_config.lora_config is not None:  # the served model's LoRA traits
-            lora_cpu_ops.enable()  # rows without an adapter get none (CPU ops)
             for attr in ("embedding_modules", "is_3d_moe_weight", "is_non_gated_moe",
                          "lora_skip_prefixes"):
                 setattr(self, attr, getattr(self.aligned, attr, getattr(SupportsLoRA, attr)))
             self.hf_to_vllm_mapper = aligned_lora_names(
                 getattr(self.aligned, "hf_to_vllm_mapper", None), ALIGNED)
-        self._pinned = None  # made at first use, after vLLM's LoRA setup
+        # (num_tokens, lora_id) -> the context where every LoRA layer reads that adapter
+        # (0: none) for that many tokens; set when vLLM's LoRA manager takes the model
+        # over (patches/lora_reference.py), None without LoRA.
+        self.lora_scope = None
         # MARA agents: float32, outside the module tree (they are not in the
         # checkpoint vLLM loads); a width mismatch refuses to start.
         self.agents = [load_agent(path, expected_hidden_size=hf_config.hidden_size).to(
@@ -148,7 +154,7 @@ class AlignedPairForCausalLM(nn.Module, SupportsLoRA):
             return torch.cat([h_aligned, h_ref], dim=-1)
         h_ref = h_aligned.new_zeros(h_aligned.shape[0], self._hidden_sizes[1])
         if plan.tokens is not None:
-            with reference_forward_context(plan), self._lora(len(plan.tokens)):
+            with plan.scope(), self._lora(len(plan.tokens)):
                 h_sub = self.reference(input_ids[plan.tokens], positions[..., plan.tokens],
                                        intermediate_tensors, None, **kwargs)
             h_ref.index_copy_(0, plan.tokens, h_sub)
@@ -202,12 +208,9 @@ class AlignedPairForCausalLM(nn.Module, SupportsLoRA):
     def _lora(self, num_tokens: int, lora_id: int = 0):
         """The LoRA context of ``num_tokens`` tokens or rows all with adapter ``lora_id``
         (0, the reference's: none); no context on an engine without LoRA."""
-        manager = getattr(self, "lora_manager", None)  # set by vLLM's LoRA manager
-        if manager is None:
+        if self.lora_scope is None:
             return nullcontext()
-        if self._pinned is None:
-            self._pinned = PinnedAdapter(manager, self)
-        return self._pinned.over(num_tokens, lora_id)
+        return self.lora_scope(num_tokens, lora_id)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         def route():

@@ -19,7 +19,7 @@ def served_overrides(aligned: str, *, revision: str | None, trust_remote_code: b
     """
     from transformers import AutoConfig
 
-    from vllm_align.engine.pair_model import ARCH, INNER_ARCH_ATTR
+    from vllm_align.engine.align_model import ARCH, INNER_ARCH_ATTR
 
     cfg = AutoConfig.from_pretrained(aligned, revision=revision,
                                      trust_remote_code=trust_remote_code)
@@ -46,7 +46,7 @@ def pair_overrides(aligned: str, reference: str, *, tokenizer: str | None,
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from vllm_align.engine.pair_model import ARCH, INNER_ARCH_ATTR
+    from vllm_align.engine.align_model import ARCH, INNER_ARCH_ATTR
 
     a_cfg = AutoConfig.from_pretrained(aligned, revision=revision,
                                        trust_remote_code=trust_remote_code)
