@@ -84,7 +84,7 @@ class ModelRunnerPatch(VllmPatch):
             n = self.input_batch.num_reqs
             batch = self.input_batch
             position = batch.num_tokens_no_spec[:n] - batch.num_prompt_tokens[:n]
-            state.set_step_inputs(self.discard_request_mask.gpu[:n], position.astype(np.int64))
+            state.set_step_inputs(self.discard_request_mask.np[:n], position.astype(np.int64))
         return out
 
     def _sample(self, *args, **kwargs):
@@ -107,18 +107,17 @@ class ModelRunnerPatch(VllmPatch):
         result = state.mara_result if state is not None else None
         held_rows: set[int] = set()
         if result is not None:
-            n = self.input_batch.num_reqs
-            host = torch.stack([result.is_mara.long(), result.emit.long(), result.position,
-                                result.evaluated, result.next_input]).cpu().numpy()
-            is_mara, emit = host[0].astype(bool), host[1].astype(bool)
-            self.discard_request_mask.np[:n] |= is_mara & ~emit
+            rows = result.rows
+            host = torch.stack([result.emit.long(), result.position, result.evaluated,
+                                result.next_input]).cpu().numpy()
+            emit = host[0].astype(bool)
+            self.discard_request_mask.np[rows[~emit]] = True
             mara = state.mara
-            mara.pending_cpu[:n] |= torch.from_numpy(is_mara)
-            mara.next_input_cpu[:n] = torch.from_numpy(host[4])
-            rows = is_mara.nonzero()[0]
+            mara.pending_cpu[rows] = True
+            mara.next_input_cpu[rows] = torch.from_numpy(host[3])
             req_ids = self.input_batch.req_ids
-            self._vllm_align_report = ([req_ids[i] for i in rows], emit[rows].tolist(),
-                                       host[2][rows].tolist(), host[3][rows].tolist())
+            self._vllm_align_report = ([req_ids[i] for i in rows], emit.tolist(),
+                                       host[1].tolist(), host[2].tolist())
             # vLLM rewinds a discarded row's seeded generator (its sample is
             # redrawn later); a MARA row's sample is its one-hot token, so
             # there is nothing to rewind.

@@ -9,6 +9,7 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
 from vllm_align import methods
+from vllm_align.config import AlignParams
 from vllm_align.engine.batch_state import AlignBatchState
 
 SLOTS = 6
@@ -26,7 +27,9 @@ def _state():
 
 
 def _params(spec):
-    return SamplingParams(extra_args={"align": spec})
+    """A request's parameters as the workers get them: its rule's canonical form
+    (written where it entered, ``patches/input_processor.py``)."""
+    return SamplingParams(extra_args={"align": AlignParams.parse(spec).to_json()})
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -63,6 +66,9 @@ def test_rows_follow_adds_moves_and_swaps(seed):
         reads = [i for i, s in enumerate(slots) if s and s["method"] in ("dera", "aad")]
         assert state.reference_rows_np.tolist() == reads
         assert state.reference_rows.tolist() == reads
+        mara = [i for i, s in enumerate(slots) if s and s["method"] == "mara"]
+        assert state.mara_rows_np.tolist() == mara
+        assert state.mara.candidate_width == max([slots[i]["top_k"] for i in mara], default=1)
 
 
 def test_rule_mixes_only_the_rows_that_read_the_reference():

@@ -117,7 +117,8 @@ class AlignBatchState(LogitsProcessor):
         self.mara = None if not self.config.mara_agents else MaraRows(
             n, vllm_config.model_config.get_vocab_size(), device, is_pin_memory,
             list(self.config.mara_agents))
-        self.discard: torch.Tensor | None = None
+        self.discard_cpu: np.ndarray | None = None
+        self.mara_rows_np = np.zeros(0, dtype=np.int64)
         self.position: torch.Tensor | None = None
         self.mara_result: StepResult | None = None
 
@@ -160,7 +161,8 @@ class AlignBatchState(LogitsProcessor):
         for k, t in cpu.items():
             self._dev[k].copy_(t, non_blocking=True)
         if self.mara is not None:
-            self.mara.sync_params()
+            self.mara_rows_np = (active == methods.MARA).nonzero().squeeze(1).numpy()
+            self.mara.sync_params(self.mara_rows_np)
 
     def _write_row(self, index: int, params: AlignParams, seed: int | None) -> None:
         cpu = self._cpu
@@ -190,10 +192,10 @@ class AlignBatchState(LogitsProcessor):
         plan, self.reference_plan = self.reference_plan, None
         return plan
 
-    def set_step_inputs(self, discard: torch.Tensor, position) -> None:
-        """The step's partial-prefill rows ([B] bool, device) and
-        each row's response position ([B] int64 host numpy: tokens emitted so far)."""
-        self.discard = discard
+    def set_step_inputs(self, discard: np.ndarray, position: np.ndarray) -> None:
+        """The step's partial-prefill rows ([B] bool host) and each row's response
+        position ([B] int64 host: tokens emitted so far)."""
+        self.discard_cpu = discard
         self.position = torch.from_numpy(position).to(self.device, non_blocking=True)
 
     # -- used by the pair model -----------------------------------------
@@ -255,22 +257,25 @@ class AlignBatchState(LogitsProcessor):
                                   ("method", "lam", "alpha", "entropy_threshold")),
             has_dera=code == methods.DERA, has_aad=code == methods.AAD)
 
-    def apply_mara(self, aligned: torch.Tensor, hidden: torch.Tensor, others: torch.Tensor,
+    def apply_mara(self, aligned: torch.Tensor, hidden: torch.Tensor, out: torch.Tensor,
                    agents) -> torch.Tensor:
         """One MARA step on the batch's MARA rows (see ``mara_rows.MaraRows.step``).
 
         Args:
             aligned: [B, V] the served model's logits; hidden: [B, d] its final
-                hidden states; others: [B, V] float32 logits of the other rows.
+                hidden states; out: [B, V] float32 logits of the other rows' rules,
+                changed in place on the MARA rows.
         Returns:
-            [B, V] float32 logits to sample (one-hot on MARA rows).
+            ``out``, one-hot on the MARA rows whose output this step is kept.
         """
-        n = aligned.shape[0]
-        is_mara = self._dev["method"][:n] == methods.MARA
-        if self.discard is not None:  # partial prefills: vLLM drops their output
-            is_mara = is_mara & ~self.discard[:n].to(is_mara.device)
-        out, self.mara_result = self.mara.step(aligned, hidden, is_mara, agents, others,
-                                               self.position[:n])
+        rows = self.mara_rows_np
+        if self.discard_cpu is not None:  # partial prefills: vLLM drops their output
+            rows = rows[~self.discard_cpu[rows]]
+        if rows.size:
+            at = torch.from_numpy(rows).to(aligned.device, non_blocking=True)
+            self.mara_result = self.mara.step(aligned.index_select(0, at),
+                                              hidden.index_select(0, at), rows, agents, out,
+                                              self.position.index_select(0, at))
         return out
 
 

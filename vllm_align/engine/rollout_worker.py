@@ -79,30 +79,31 @@ class RecordingMaraRows(MaraRows):
         super().move(src, dst, swap)
         move_row([self.log_reject], src, dst, swap)
 
-    def step(self, logits, hidden, is_mara, agents, others, position):
-        j = self.judge(hidden, is_mara, agents, position)
+    def step(self, logits, hidden, rows, agents, out, position):
+        at = self._on_device(rows)
+        j = self.judge(hidden, rows, at, agents, position)
         self._record(j, hidden, position)
-        return self.advance(j, logits, others)
+        return self.advance(j, logits, out)
 
     def _record(self, j, hidden: torch.Tensor, position: torch.Tensor) -> None:
         """The emitted token's ``log π_θ(t) − log π_ref(t)`` (``rules.walk_log_ratio``)
-        and this step's judged candidates of seeded rows."""
-        b = hidden.shape[0]
-        index = self.state["index"][:b]
-        p_ref = self.state["cand_prob"][:b].gather(1, index.unsqueeze(1)).squeeze(1)
-        diff, log_reject = walk_log_ratio(self.log_reject[:b],
+        and this step's judged candidates of seeded rows (all [M], the step's MARA rows)."""
+        index = self.state["index"].index_select(0, j.at)
+        p_ref = self.state["cand_prob"].index_select(0, j.at).gather(
+            1, index.unsqueeze(1)).squeeze(1)
+        diff, log_reject = walk_log_ratio(self.log_reject.index_select(0, j.at),
                                           torch.log_softmax(j.decision_logits, -1), j.asked,
                                           p_ref, j.fresh | j.emit)
-        self.log_reject[:b].copy_(log_reject)
-        # Host mirrors: a pending row is a MARA row with a candidate fed this step
-        # (never a partial prefill), so the rows are found without a device sync.
-        rows = (self.pending_cpu[:b] & self.params_cpu["seeded"][:b]).nonzero()
-        if rows.numel():
-            rows = rows.squeeze(1).to(hidden.device, non_blocking=True)
-            fields = dict(seed=self.params["seed"][:b], key=position * KEY_SPAN + index,
-                          asked=j.asked, accepted=j.walk.accepted, emit=j.emit, diff=diff,
+        self.log_reject.index_copy_(0, j.at, log_reject)
+        # Judged (pending) and seeded, from the host mirrors: no device sync.
+        keep = (self.pending_cpu.numpy()[j.rows] & self.params_cpu["seeded"].numpy()[j.rows])
+        picked = torch.from_numpy(keep.nonzero()[0]).to(hidden.device, non_blocking=True)
+        if picked.numel():
+            fields = dict(seed=self.params["seed"].index_select(0, j.at),
+                          key=position * KEY_SPAN + index, asked=j.asked,
+                          accepted=j.walk.accepted, emit=j.emit, diff=diff,
                           state=hidden.float())
-            self._steps.append(tuple(fields[name].index_select(0, rows) for name in FIELDS))
+            self._steps.append(tuple(fields[name].index_select(0, picked) for name in FIELDS))
 
     def take(self) -> dict[str, torch.Tensor]:
         """Everything recorded since the last call, concatenated on the host."""
