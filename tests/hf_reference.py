@@ -24,7 +24,7 @@ the lowest token id (``torch.argmax``'s convention).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -39,12 +39,10 @@ class Step:
         margin: score of the chosen token minus the best other candidate's
             (in the rule's own units); a tiny margin means a near-tie that
             float32 rounding in another implementation may legitimately flip.
-        candidates: for AAD, the token ids in V_alpha; else empty.
     """
 
     token: int
     margin: float
-    candidates: list[int] = field(default_factory=list)
 
 
 def load_pair(aligned_path: str, reference_path: str):
@@ -61,49 +59,33 @@ def load_pair(aligned_path: str, reference_path: str):
 @torch.no_grad()
 def next_token_logits(model, token_ids: Sequence[int]) -> torch.Tensor:
     """Logits ``[V]`` (float32) for the token after ``token_ids``; full recompute."""
-    input_ids = torch.tensor([list(token_ids)], dtype=torch.long)
-    out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                use_cache=False)
-    return out.logits[0, -1].float()
+    return all_logits(model, token_ids)[-1]
 
 
-def _best_two(scores: torch.Tensor, candidates: torch.Tensor) -> tuple[int, float]:
-    """(argmax over ``candidates`` with lowest-id ties, margin to the runner-up)."""
-    sub = scores[candidates]
-    best = int(torch.argmax(sub))
-    token = int(candidates[best])
-    if sub.numel() == 1:
-        return token, math.inf
-    rest = torch.cat([sub[:best], sub[best + 1:]])
-    return token, float(sub[best] - rest.max())
-
-
-def choose_token(aligned_logits: torch.Tensor, reference_logits: torch.Tensor,
-                 spec: Mapping[str, Any]) -> Step:
-    """Apply one alignment rule to one position's logits.
+def rule_scores(aligned_logits: torch.Tensor, reference_logits: torch.Tensor,
+                spec: Mapping[str, Any]) -> torch.Tensor:
+    """What each rule ranks the vocabulary by, as the papers write it (module doc).
 
     Args:
-        aligned_logits, reference_logits: ``[V]`` logits of the two models.
+        aligned_logits, reference_logits: ``[..., V]`` logits of the two models.
         spec: ``{"method": "none"}``, ``{"method": "dera", "lambda": lam}`` or
             ``{"method": "aad", "alpha": a, "entropy_threshold": tau|None}``
             (the same keys as a request's ``alignment`` object; missing keys
             take the documented defaults lambda=1, alpha=0.1, tau=None).
     Returns:
-        The chosen token with its margin.
+        ``[..., V]`` float64 scores: ``h_a``; ``lam * h_a + (1 - lam) * h_r``; for AAD
+        ``log p_dpo - log p_sft`` (``log p_dpo`` where the entropy threshold says so)
+        on ``V_alpha`` and ``-inf`` outside it. Greedy decoding takes their argmax
+        (``choose_token``); their log-softmax is the rule's distribution (``rule_log_probs``).
     """
     h_a = aligned_logits.double()
     h_r = reference_logits.double()
-    everything = torch.arange(h_a.numel())
     method = spec.get("method", "none")
-
     if method == "none":
-        return Step(*_best_two(h_a, everything))
-
+        return h_a
     if method == "dera":
         lam = float(spec.get("lambda", 1.0))
-        mixed = lam * h_a + (1.0 - lam) * h_r
-        return Step(*_best_two(mixed, everything))
-
+        return lam * h_a + (1.0 - lam) * h_r
     if method == "aad":
         alpha = float(spec.get("alpha", 0.1))
         tau = spec.get("entropy_threshold")
@@ -111,18 +93,24 @@ def choose_token(aligned_logits: torch.Tensor, reference_logits: torch.Tensor,
         log_p_dpo = torch.log_softmax(h_a, dim=-1)
         p_sft = torch.softmax(h_r, dim=-1)
         log_p_sft = torch.log_softmax(h_r, dim=-1)
-
-        v_alpha = torch.nonzero(p_dpo >= alpha * p_dpo.max()).flatten()
-        entropy = float(-(p_sft[v_alpha] * log_p_sft[v_alpha]).sum())
-        if tau is not None and entropy <= float(tau):
+        v_alpha = p_dpo >= alpha * p_dpo.max(dim=-1, keepdim=True).values
+        scores = log_p_dpo - log_p_sft
+        if tau is not None:
+            entropy = -(p_sft * log_p_sft).masked_fill(~v_alpha, 0.0).sum(-1, keepdim=True)
             # The reference is confident on V_alpha: trust the aligned model.
-            scores = log_p_dpo
-        else:
-            scores = log_p_dpo - log_p_sft
-        token, margin = _best_two(scores, v_alpha)
-        return Step(token, margin, v_alpha.tolist())
-
+            scores = torch.where(entropy <= float(tau), log_p_dpo, scores)
+        return scores.masked_fill(~v_alpha, -math.inf)
     raise ValueError(f"unknown method {method!r}")
+
+
+def choose_token(aligned_logits: torch.Tensor, reference_logits: torch.Tensor,
+                 spec: Mapping[str, Any]) -> Step:
+    """The greedy token of one position's ``[V]`` logits under ``spec`` (see ``rule_scores``),
+    ties to the lowest id, with its margin."""
+    scores = rule_scores(aligned_logits, reference_logits, spec)
+    token = int(torch.argmax(scores))  # the first of equal maxima
+    rest = torch.cat([scores[:token], scores[token + 1:]])
+    return Step(token, float(scores[token] - rest.max()))
 
 
 def _eos_ids(model, eos_token_id) -> set[int]:
@@ -188,40 +176,9 @@ def all_logits(model, token_ids: Sequence[int]) -> torch.Tensor:
 
 def rule_log_probs(aligned_logits: torch.Tensor, reference_logits: torch.Tensor,
                    spec: Mapping[str, Any]) -> torch.Tensor:
-    """The log-distribution each rule decodes from, as the papers write it (float64).
-
-    Args:
-        aligned_logits, reference_logits: ``[L, V]`` logits of the two models.
-        spec: as in ``choose_token``.
-    Returns:
-        ``[L, V]`` float64 log-probabilities:
-
-        * ``none``: ``log_softmax(h_a)``;
-        * ``dera``: ``log_softmax(lam * h_a + (1 - lam) * h_r)``;
-        * ``aad``: ``log softmax(A)`` over ``V_alpha``, ``A = log p_dpo - log p_sft``
-          (``log p_dpo`` where the entropy threshold says so); ``-inf`` outside ``V_alpha``.
-    """
-    h_a = aligned_logits.double()
-    h_r = reference_logits.double()
-    method = spec.get("method", "none")
-    if method == "none":
-        return torch.log_softmax(h_a, dim=-1)
-    if method == "dera":
-        lam = float(spec.get("lambda", 1.0))
-        return torch.log_softmax(lam * h_a + (1.0 - lam) * h_r, dim=-1)
-    if method == "aad":
-        alpha = float(spec.get("alpha", 0.1))
-        tau = spec.get("entropy_threshold")
-        p_dpo = torch.softmax(h_a, dim=-1)
-        log_p_dpo = torch.log_softmax(h_a, dim=-1)
-        log_p_sft = torch.log_softmax(h_r, dim=-1)
-        v_alpha = p_dpo >= alpha * p_dpo.max(dim=-1, keepdim=True).values
-        entropy = -(log_p_sft.exp() * log_p_sft).masked_fill(~v_alpha, 0.0).sum(-1)
-        scores = log_p_dpo - log_p_sft
-        if tau is not None:
-            scores = torch.where((entropy <= float(tau)).unsqueeze(1), log_p_dpo, scores)
-        return torch.log_softmax(scores.masked_fill(~v_alpha, -math.inf), dim=-1)
-    raise ValueError(f"unknown method {method!r}")
+    """``[L, V]`` float64: the log-distribution each rule decodes from at each of ``L``
+    positions (``-inf`` outside AAD's ``V_alpha``)."""
+    return torch.log_softmax(rule_scores(aligned_logits, reference_logits, spec), dim=-1)
 
 
 def prompt_log_probs(aligned_model, reference_model, prompt_ids: Sequence[int],

@@ -1,67 +1,21 @@
-"""Starting and stopping a real `vllm serve` on loopback for the server tests."""
+"""The server tests' `vllm serve` (vllm_align.cli.local_server, as the demo's) and requests."""
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import openai
-import requests
 
-STARTUP_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from vllm_align.cli import local_server
+from vllm_align.cli.local_server import STARTUP_S, stop  # noqa: F401 (the tests import them)
 
 # Two CPU ranks (tensor or data parallel) on a 2-core machine: one core each.
 TWO_RANKS = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 
 
-def start(args: list[str], log: Path, env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    vllm = str(Path(sys.executable).with_name("vllm"))
-    cmd = [vllm, "serve", *args, "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8"]
-    # A process group of its own: stop() ends the engine cores with the API server.
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})},
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            stop(proc)
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except requests.ConnectionError:
-            pass
-        time.sleep(1)
-    stop(proc)
-    raise RuntimeError(f"server did not start in {STARTUP_S}s:\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop the server and everything it started (a data-parallel server's engine cores
-    outlived a lone SIGTERM to it)."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+def start(args: list[str], log: Path, env: dict | None = None):
+    """(process, url) of `vllm serve ARGS` with the tiny models' settings."""
+    return local_server.start([*args, "--dtype", "float32", "--max-model-len", "256",
+                               "--max-num-seqs", "8"], log,
+                              env={"VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})})
 
 
 def client(url: str) -> openai.OpenAI:

@@ -113,7 +113,7 @@ def test_reference_logits_row_aligned_with_prefix_cache_and_chunked_prefill(pair
              {"method": "dera", "lambda": 0.0}, {"method": "dera", "lambda": 0.5},
              {"method": "aad", "alpha": 0.1}, {"method": "dera", "lambda": 0.0}]
     # One warm-up of each kind: rows that read the reference never share cached blocks
-    # with rows that do not (test_reference_on_demand.py).
+    # with rows that do not (test_mixed_rows.py).
     _generate(pair_llm, [prefix + [5]] * 2, [SamplingParams(
         max_tokens=1, temperature=0, extra_args={"align": {"method": m}}) for m in ("none", "dera")])
 

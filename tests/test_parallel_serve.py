@@ -5,7 +5,8 @@ concurrent requests and must give the plain HF decoders' tokens. TP=2 splits eve
 layer over the ranks (the pair model's two models, the reference rows and the MARA
 walk included); DP=2 runs two engine cores behind one API server, which spreads the
 requests over both; here the test also checks that both cores served requests.
-Each rank is bound to one core (``VLLM_CPU_OMP_THREADS_BIND='0|1'``, DESIGN.md).
+Each rank is bound to one core (``VLLM_CPU_OMP_THREADS_BIND='0|1'``, README: "Tensor and data
+parallel").
 """
 
 from __future__ import annotations

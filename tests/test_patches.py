@@ -62,8 +62,8 @@ def test_missing_target_attribute_fails_loudly():
         Missing.apply()
 
 
-def test_every_patched_site_is_applied_and_names_its_vllm_version():
-    """Each module in patches/ patches one site, says which vLLM it was written for, and is live."""
+def test_every_patched_site_is_applied():
+    """Each module in patches/ patches one site, and is live."""
     import importlib
     import pkgutil
 
@@ -73,7 +73,6 @@ def test_every_patched_site_is_applied_and_names_its_vllm_version():
             "output_processor"} <= set(sites)
     for name in sites:
         module = importlib.import_module(f"vllm_align.patches.{name}")
-        assert f"vLLM {version.SUPPORTED_VLLM}" in module.__doc__, name
         for cls in vars(module).values():
             if isinstance(cls, type) and issubclass(cls, VllmPatch) and cls is not VllmPatch:
                 for attr in cls.replaces:

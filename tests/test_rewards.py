@@ -1,5 +1,6 @@
 """Reward sources (vllm_align.data.rewards): Python callables and a tiny local
-sequence-classification model, batched scores against one-at-a-time forwards."""
+sequence-classification model, batched scores against one-at-a-time forwards, and
+train-mara's terminal reward built from them."""
 
 from __future__ import annotations
 
@@ -66,6 +67,9 @@ def test_hf_model_with_several_labels_is_refused(tmp_path, reward_model):
         check_reward(str(bad))
     with pytest.raises(RewardError, match="cannot be loaded"):
         check_reward(str(tmp_path / "missing-model"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RewardError, match="not a loadable Hugging Face checkpoint"):
+        load_reward(str(tmp_path / "empty"))
 
 
 def test_callable_from_module_and_file(tmp_path):
@@ -82,6 +86,10 @@ def test_callable_from_module_and_file(tmp_path):
         load_reward(f"{f}:bad")(["a"], ["b"])
     with pytest.raises(RewardError, match="must be finite"):
         load_reward(f"{f}:inf")(["a"], ["b"])
+    with pytest.raises(RewardError, match="must be finite"):
+        load_reward(lambda p, r: float("nan"))(["a"], ["b"])
+    with pytest.raises(RewardError, match="returned None; a reward must be a real number"):
+        load_reward(lambda p, r: None)(["a"], ["b"])
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
         load_reward(f"{f}:words")(["a", "b"], ["c"])
 
@@ -92,7 +100,19 @@ def test_callable_from_module_and_file(tmp_path):
     ("/no/such/file.py:f", "no such Python file"),
     ("vllm_align.toy.world:", "expected 'module:function'"),
     ("", "non-empty string"),
+    ("no/such/plainword", "neither a Hugging Face model directory nor a hub model"),
 ])
 def test_bad_callable_specs_are_refused(spec, message):
     with pytest.raises(RewardError, match=message):
         load_reward(spec)
+
+
+def test_train_mara_terminal_reward_weighs_reward_and_cost():
+    """train-mara's episode reward is alpha_r * R - alpha_c * C; an absent scorer counts 0."""
+    from vllm_align.train.terminal import TerminalReward, load_scorer
+
+    reward, cost = load_reward(lambda p, r: 2.0), load_reward(lambda p, r: 3.0)
+    assert TerminalReward(reward, cost, alpha_r=1.5, alpha_c=0.5)(["a"], ["b"]) == (
+        [2.0], [3.0], [1.5 * 2.0 - 0.5 * 3.0])
+    assert load_scorer(None) is None
+    assert TerminalReward(None, load_reward(lambda p, r: 1.0))(["a"], ["b"])[2] == [-1.0]

@@ -2,9 +2,10 @@
 
 One engine run over the 64 held-out prompts (chat ``messages``) x DeRa lambda
 {0, 0.5, 1, 2} + AAD alpha 0.1, rewarded by the toy world's polite-word rule
-given as a ``module:function`` callable. tests/test_toy_world.py measured the
-same decoding (greedy, 96 tokens): reward strictly rising with lambda, AAD
-above greedy DPO (lambda 1), neighbouring values about 0.02 or more apart.
+given as a ``module:function`` callable. The same decoding as
+tests/test_toy_world.py's (greedy, 96 tokens): reward strictly rising with lambda, AAD
+above greedy DPO (lambda 1), neighbouring values about 0.02 or more apart
+(docs/toy-measurements.md).
 
 The world is the one shipped in the repository (``vllm_align.toy.shipped``).
 """

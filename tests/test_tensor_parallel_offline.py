@@ -1,6 +1,7 @@
 """``LLM(..., tensor_parallel_size=2)``: the mixed batch in one ``generate`` call gives the
 plain HF decoders' tokens (DeRa, AAD, MARA with a random agent, none), as one rank does.
-Each rank is bound to one core (``VLLM_CPU_OMP_THREADS_BIND='0|1'``, DESIGN.md)."""
+Each rank is bound to one core (``VLLM_CPU_OMP_THREADS_BIND='0|1'``, README: "Tensor and data
+parallel")."""
 
 from __future__ import annotations
 

@@ -15,30 +15,11 @@ decodes the 64 held-out prompts every way in ``vllm_align.cli.demo_runs.RUNS``
 * the engine emits what the HF rollout the agent was trained and evaluated in
   emits (deterministic runs, text for text).
 
-Measured (engine seed 0; request seeds 1000 * repeat + prompt index, so every
-run below is exact and a fresh clone reproduces it; each value the mean over
-the 64 prompts of one repeat), polite words per response and the world's rule
-reward (fraction of polite words). The agent shipped since 2026-12-02 was
-trained with engine rollouts (``--rollout engine``):
-
-=============================  ====================  ===============
-run                            polite words          fraction
-=============================  ====================  ===============
-SFT greedy                     0.27                  0.030
-SFT sampling, 4 repeats        0.33-0.48             0.048 (mean)
-MARA untrained, sampled, 4x    0.27-0.28             0.033 (mean)
-MARA trained, sampled, 4x      0.92-0.94             0.127 (mean)
-MARA trained, greedy           0.94                  0.127
-MARA untrained, greedy         1.80 (see below)      0.201
-=============================  ====================  ===============
-
-The trained agent's worst repeat beats the plain and untrained baselines'
-best by 0.44 word per response (0.070 of the fraction), its greedy decisions
-plain greedy decoding by 0.67 (0.097); the margins asserted are 0.2 word and
-0.035, about half the smallest gap: some 15 of the 64 responses would each
-have to lose a polite word to break them.
-The untrained agent's greedy 1.80 is the fallback rule at work, not
-learning: not asserted.
+Request seeds are 1000 * repeat + prompt index, so every run is exact and a
+fresh clone reproduces the measured values (docs/toy-measurements.md); the
+margins asserted, 0.2 polite word per response and 0.035 of the fraction, are
+about half the smallest gap there. The untrained agent's high greedy score is
+the fallback rule at work, not learning: not asserted.
 
 Costs: one engine start (about a minute on a busy machine) and seconds of
 decoding.

@@ -1,10 +1,6 @@
-"""The local toy checkpoints, and the HF reference decoder checked on them.
-
-The reference decoder (tests/hf_reference.py) is what engine tests compare
-vLLM against, so it is itself checked here against ``model.generate``:
-DeRa at lambda=0 must reproduce the reference model token for token, and at
-lambda=1 the aligned model.
-"""
+"""The local toy checkpoints (``vllm_align.toy.models.build_llama_pair``) every engine
+test decodes: loadable, one shared tokenizer, two different but related models, rebuilt
+byte for byte from the same arguments."""
 
 from __future__ import annotations
 
@@ -20,9 +16,7 @@ from vllm_align.toy.models import build_llama_pair
 PROMPTS = [
     "The old teacher found a golden book near the river.",
     "Where did the careful farmer leave the letters?",
-    "User: Can you explain the problem? Assistant:",
 ]
-MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +35,6 @@ def tokenizer(pair_paths):
 
     return AutoTokenizer.from_pretrained(pair_paths[0])
 
-
-def _greedy_generate(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    input_ids = torch.tensor([prompt_ids])
-    with torch.no_grad():
-        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                             do_sample=False, max_new_tokens=max_new_tokens)
-    return out[0, len(prompt_ids):].tolist()
-
-
-# -- the checkpoints ---------------------------------------------------------
 
 def test_pair_loads_and_shares_tokenizer(pair_paths, pair):
     from transformers import AutoConfig, AutoTokenizer
@@ -137,68 +121,3 @@ def test_build_is_idempotent_and_deterministic(pair_paths, tmp_path):
 def test_bad_head_dim_rejected(tmp_path):
     with pytest.raises(ValueError, match="64"):
         build_llama_pair(tmp_path / "bad", hidden_size=256, num_heads=16)
-
-
-# -- the HF reference decoder -------------------------------------------------
-
-@pytest.mark.parametrize("prompt", PROMPTS)
-def test_reference_decoder_dera_endpoints_match_generate(pair, tokenizer, prompt):
-    aligned, reference = pair
-    prompt_ids = tokenizer(prompt).input_ids
-    expected_ref = _greedy_generate(reference, prompt_ids, MAX_TOKENS)
-    expected_aligned = _greedy_generate(aligned, prompt_ids, MAX_TOKENS)
-
-    got_ref = hf_reference.generate(aligned, reference, prompt_ids,
-                                    {"method": "dera", "lambda": 0.0}, MAX_TOKENS)
-    got_aligned = hf_reference.generate(aligned, reference, prompt_ids,
-                                        {"method": "dera", "lambda": 1.0}, MAX_TOKENS)
-    assert got_ref == expected_ref
-    assert got_aligned == expected_aligned
-    # 'none' and AAD with alpha=1 (V_alpha = the aligned argmax) are plain greedy too.
-    assert hf_reference.generate(aligned, None, prompt_ids, {"method": "none"},
-                                 MAX_TOKENS) == expected_aligned
-    assert hf_reference.generate(aligned, reference, prompt_ids,
-                                 {"method": "aad", "alpha": 1.0}, MAX_TOKENS) == expected_aligned
-
-
-def test_reference_decoder_methods_change_the_output(pair, tokenizer):
-    """The toy pair is different enough for DeRa/AAD to matter."""
-    aligned, reference = pair
-    outputs = {}
-    for name, spec in {"ref": {"method": "dera", "lambda": 0.0},
-                       "aligned": {"method": "none"},
-                       "aad": {"method": "aad", "alpha": 0.1}}.items():
-        outputs[name] = [hf_reference.generate(aligned, reference, tokenizer(p).input_ids,
-                                               spec, MAX_TOKENS) for p in PROMPTS]
-    assert outputs["ref"] != outputs["aligned"]
-    assert outputs["aad"] != outputs["aligned"]
-
-
-def test_reference_decoder_aad_steps(pair, tokenizer):
-    aligned, reference = pair
-    prompt_ids = tokenizer(PROMPTS[0]).input_ids
-    ids, steps = hf_reference.generate(aligned, reference, prompt_ids,
-                                       {"method": "aad", "alpha": 0.1}, 8, return_steps=True)
-    assert ids == [s.token for s in steps]
-    for step in steps:
-        assert step.token in step.candidates
-        assert step.margin >= 0
-    # Entropy threshold so large it always fires: V_alpha ranked by p_dpo = greedy.
-    greedy = _greedy_generate(aligned, prompt_ids, 8)
-    assert hf_reference.generate(
-        aligned, reference, prompt_ids,
-        {"method": "aad", "alpha": 0.1, "entropy_threshold": 1e9}, 8) == greedy
-
-
-def test_reference_decoder_eos_handling(pair, tokenizer):
-    aligned, reference = pair
-    prompt_ids = tokenizer(PROMPTS[2]).input_ids
-    eos = tokenizer.eos_token_id
-    # Pretend the first greedy token is EOS: decoding stops right after it...
-    first = hf_reference.generate(aligned, reference, prompt_ids, {"method": "none"}, 1)[0]
-    assert hf_reference.generate(aligned, reference, prompt_ids, {"method": "none"}, 5,
-                                 eos_token_id=first) == [first]
-    # ...unless EOS is ignored.
-    assert len(hf_reference.generate(aligned, reference, prompt_ids, {"method": "none"}, 5,
-                                     eos_token_id=first, ignore_eos=True)) == 5
-    assert eos is not None

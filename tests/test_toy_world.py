@@ -7,10 +7,9 @@ aligned, SFT model reference) and one mixed batch over the 64 held-out prompts:
 * the mean polite reward rises strictly with DeRa's lambda over {0, 0.5, 1, 2};
 * AAD (alpha 0.1) beats greedy decoding of the DPO model.
 
-Measured with seeds 0-3 (mean reward over 64 prompts): lambda 0 -> 0.02-0.04,
-0.5 -> 0.04-0.07, 1 -> 0.08-0.09, 2 -> 0.15-0.17; AAD 0.17-0.19.
-Neighbouring values differ by about 0.02 or more: some 25 of the 256 polite/plain
-slot choices (4 per answer) would have to go the other way to break an order.
+On worlds of seeds 0-3 neighbouring values differ by about 0.02 or more
+(docs/toy-measurements.md): some 25 of the 256 polite/plain slot choices (4 per
+answer) would have to go the other way to break an order.
 
 The world is the one shipped in the repository (``vllm_align.toy.shipped``,
 what ``make demo`` decodes); ``make toy-assets`` rebuilds it.

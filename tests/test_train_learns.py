@@ -13,27 +13,12 @@ response (``vllm_align.toy.agent``). After training with fixed seeds, on the
 Episodes roll out in a vLLM engine serving the SFT model (the trainer's default,
 ``--rollout engine``), the actor installed as its MARA agent.
 
-Training is deterministic on one machine (two fresh trainings at seed 0: the
-same agent byte for byte, also under load); another CPU may round differently
-and train another agent. The margins therefore come from the spread of four
-fresh trainings, seeds 0-3 (measured 2026-12-02 on this 2-core machine with
-engine rollouts; mean polite words per response on the held-out prompts):
-
-===================================  ====  ====  ====  ====  =========
-run                                  s0    s1    s2    s3    min gap
-===================================  ====  ====  ====  ====  =========
-plain greedy / plain sampling        0.27 / 0.40 (no agent)
-untrained MARA, sampled              0.32  0.32  0.30  0.30
-trained MARA, sampled                0.91  1.26  1.27  1.04  0.50
-trained MARA, greedy                 0.94  1.66  1.67  1.64  0.67
-learning curve, last - first quarter 0.56  0.77  0.70  0.70  0.56
-===================================  ====  ====  ====  ====  =========
-
-("min gap": to the best baseline, plain or untrained.) The asserted margins,
-0.35, 0.45 and 0.3, are those of the HF-rollout version of this test (about half
-its smallest gaps, 0.68 / 0.91 / 0.55); they are 0.5-0.7 of the gaps above. (The
-untrained agent with greedy decisions scores 0.23-1.80 for a reason unrelated
-to learning, see ``vllm_align.toy.agent``; not asserted.)
+Training is deterministic on one machine; another CPU may round differently
+and train another agent. The asserted margins (0.35, 0.45 and 0.3 polite words)
+are 0.5-0.7 of the smallest gaps over four fresh trainings, seeds 0-3
+(docs/toy-measurements.md). (The untrained agent with greedy decisions scores
+high for a reason unrelated to learning, see ``vllm_align.toy.agent``; not
+asserted.)
 
 The agent is trained here from scratch (about 2 minutes on 2 idle cores) on a
 copy of the shipped SFT model; the shipped agent (``vllm_align.toy.shipped``) is

@@ -12,8 +12,9 @@ import math
 from typing import Any
 
 # The engine computes in float32: a parameter is refused unless it survives
-# the conversion (no overflow to inf, no underflow of a positive value to 0).
-FLOAT32_MAX = 3.4028234663852886e38
+# the conversion (no overflow to inf, no underflow of a positive value to 0),
+# and DeRa's mix is clamped to this range (``methods.dera_logits``).
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without torch
 FLOAT32_TINY = 1.1754943508222875e-38  # smallest positive normal float32
 
 

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 # Re-exported: the error and checks are ``vllm_align.checks``'s (shared with mara/).
-from vllm_align.checks import (FLOAT32_MAX, FLOAT32_TINY, AlignConfigError,  # noqa: F401
-                               finite_number, unit_number)
+from vllm_align.checks import AlignConfigError, finite_number, unit_number  # noqa: F401
 from vllm_align.mara.config import MaraParams, parse_agent_map
 
 METHODS = ("none", "dera", "aad", "mara")

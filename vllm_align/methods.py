@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import torch
 
+from vllm_align.checks import FLOAT32_MAX
+
 # Method codes stored per sequence in the batch state.
 NONE, DERA, AAD, MARA = 0, 1, 2, 3
 METHOD_CODES = {"none": NONE, "dera": DERA, "aad": AAD, "mara": MARA}
-
-FLOAT32_MAX = torch.finfo(torch.float32).max
 
 # Tokens outside V_alpha get this offset instead of -inf: a structured-output
 # mask is applied after us, and if it removes all of V_alpha the sequence must

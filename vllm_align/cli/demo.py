@@ -33,10 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import textwrap
 import time
@@ -63,7 +60,6 @@ SWEEP_LAMBDAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 SWEEP_ALPHAS = (0.1, 0.2)
 MAX_TOKENS = 96
 MAX_MODEL_LEN = 256
-SERVER_STARTUP_S = 300
 WIDTH = 100
 
 
@@ -279,83 +275,25 @@ def _served(world, agent, prompts: Sequence[str], out_dir: Path) -> dict[str, di
 @contextlib.contextmanager
 def _server(world, agent, log: Path) -> Iterator[str]:
     """Start ``vllm serve`` on a free loopback port; always stop it on exit."""
-    import requests
+    from vllm_align.cli import local_server
 
-    port = _free_port()
-    vllm = str(Path(sys.executable).with_name("vllm"))
-    cmd = [vllm, "serve", world.dpo_path, "--sampler", "align",
-           "--reference-model", world.sft_path, "--mara-agent", f"trained={agent.trained}",
-           "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0"]
+    port = local_server.free_port()
+    args = [world.dpo_path, "--sampler", "align", "--reference-model", world.sft_path,
+            "--mara-agent", f"trained={agent.trained}",
+            "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0"]
     print(f"  $ vllm serve {world.dpo_path} --sampler align \\\n"
           f"      --reference-model {world.sft_path} --mara-agent trained=... --port {port} ...")
     print(f"  (full command and server log in {log})", flush=True)
-    with log.open("w") as log_file:
-        log_file.write(" ".join(cmd) + "\n\n")
-        log_file.flush()
-        # Its own session: Ctrl-C reaches only us, and _stop can signal the
-        # server together with its engine-core process.
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    t0 = time.monotonic()
     try:
-        url = f"http://127.0.0.1:{port}"
-        t0 = time.monotonic()
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}; last lines of "
-                                   f"{log}:\n{_tail(log)}")
-            if time.monotonic() - t0 > SERVER_STARTUP_S:
-                raise RuntimeError(f"vllm serve did not become healthy in "
-                                   f"{SERVER_STARTUP_S}s; last lines of {log}:\n{_tail(log)}")
-            try:
-                if requests.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
+        proc, url = local_server.start(args, log, port=port)
         print(f"  server up on {url} after {time.monotonic() - t0:.0f}s", flush=True)
-        yield url
-    finally:
-        _stop(proc)
-
-
-def _stop(proc: subprocess.Popen, grace_s: float = 10) -> None:
-    """SIGTERM the server's process group; SIGKILL what is left after ``grace_s``.
-
-    The group holds the API server and its engine-core process, which can
-    outlive the API server (e.g. when stopped during startup). A second Ctrl-C
-    while waiting skips the grace period.
-    """
-    def signal_group(sig: int) -> bool:
         try:
-            os.killpg(proc.pid, sig)
-            return True
-        except ProcessLookupError:  # nothing left in the group
-            return False
-
-    deadline = time.monotonic() + grace_s
-    try:
-        if signal_group(signal.SIGTERM):
-            while signal_group(0) and time.monotonic() < deadline:
-                proc.poll()  # reap the leader as soon as it exits
-                time.sleep(0.2)
+            yield url
+        finally:
+            local_server.stop(proc)
     finally:
-        signal_group(signal.SIGKILL)
-        proc.wait()
         print("  server stopped", flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def _heading(text: str) -> None:

@@ -18,9 +18,8 @@ Built locally from fixed seeds, in 1.5 to 2.5 minutes on 2 CPU cores:
 
 ``build_toy_world(out_dir)`` writes ``out_dir/sft`` and ``out_dir/dpo`` (float32 HF
 checkpoints with the tokenizer and its chat template), stamped and reused
-(``vllm_align.toy.cache``). Measured through the engine on the 64 held-out prompts (greedy,
-96 tokens, seeds 0-3; mean reward): DeRa lambda 0 (= SFT) 0.02-0.04, 0.5: 0.04-0.07,
-1 (= DPO) 0.08-0.09, 1.5: 0.12-0.13, 2: 0.15-0.17; AAD alpha 0.1: 0.17-0.19.
+(``vllm_align.toy.cache``). Through the engine the polite reward rises with DeRa's lambda
+and AAD beats the DPO model (worlds of seeds 0-3: docs/toy-measurements.md).
 """
 
 from __future__ import annotations

@@ -142,15 +142,13 @@ def plot_curve(csv_path: Path, png_path: Path, *, columns: Iterable[str] = ("rew
                title: str = "MARA SAC training", window: int = 5,
                baselines: Optional[Mapping[str, float]] = None) -> Path:
     """Learning curve PNG from metrics.csv: per-rollout values and a moving average."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from vllm_align.plotting import agg_figure
 
     rows = read_rows(csv_path)
     x = [int(r["episodes"]) for r in rows]
     columns = list(columns)
-    fig, axes = plt.subplots(1, len(columns), figsize=(5.5 * len(columns), 4), squeeze=False)
+    fig = agg_figure(figsize=(5.5 * len(columns), 4))
+    axes = fig.subplots(1, len(columns), squeeze=False)
     for ax, col in zip(axes[0], columns):
         y = [float(r[col]) if r[col] else math.nan for r in rows]
         smooth = [fmean(v for v in y[max(0, i - window + 1):i + 1] if not math.isnan(v))
@@ -169,5 +167,4 @@ def plot_curve(csv_path: Path, png_path: Path, *, columns: Iterable[str] = ("rew
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
-    plt.close(fig)
     return png_path
