@@ -10,8 +10,8 @@ patches; every module sits under it) and the importer's own packages.
 
 Layers, lowest first; a module may import its own layer or lower ones:
 
-0. pure math and configuration, no vLLM: ``checks``, ``config``, ``fields``, ``methods``,
-   ``mara/``
+0. pure math, configuration and plotting, no vLLM: ``checks``, ``config``, ``fields``,
+   ``methods``, ``mara/``, ``plotting``
 1. the engine on vLLM's public plugin interfaces: ``engine/`` (the pair model, the batch
    state, the rollout worker extension)
 2. every reach past those interfaces: ``patches/``, and the plugin entry point ``vllm_align``
@@ -34,7 +34,7 @@ PACKAGE = "vllm_align"
 
 LAYERS = (
     ("vllm_align.checks", "vllm_align.config", "vllm_align.fields", "vllm_align.methods",
-     "vllm_align.mara"),
+     "vllm_align.mara", "vllm_align.plotting"),
     ("vllm_align.engine",),
     ("vllm_align", "vllm_align.patches"),
     ("vllm_align.data",),
