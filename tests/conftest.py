@@ -17,7 +17,7 @@ SLOW_FIRST = ("test_train_learns.py", "test_train_mara.py", "test_replicas.py",
               "test_tensor_parallel_offline.py", "test_run_batch.py", "test_toy_world.py",
               "test_mixed_rows.py", "test_engine_startup.py", "test_engine_rollout.py",
               "test_lm_eval.py", "test_lora_pairs.py", "test_lora_serving.py",
-              "test_architectures.py", "test_pairs_mara.py")
+              "test_architectures.py", "test_pairs_mara.py", "test_lora_data.py")
 
 
 def pytest_collection_modifyitems(items):

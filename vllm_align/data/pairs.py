@@ -41,6 +41,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from vllm_align.config import (EXTRA_ARGS_KEY, AlignConfigError, AlignParams,
                                EngineAlignConfig, finite_number, json_object)
+from vllm_align.data.engine import (LORA_ADAPTER_HELP, LoraAdapter, check_lora_engine,
+                                    lora_adapter_option)
 from vllm_align.data.prompts import DataError, PromptItem, read_prompts, render_prompt
 from vllm_align.fields import option
 
@@ -50,6 +52,8 @@ DEFAULT_REJECTED = {"method": "none"}
 CHOSEN_SAMPLING = {"temperature": 0.0, "top_p": 1.0}
 REJECTED_SAMPLING = {"temperature": 1.0, "top_p": 0.9}
 _SAMPLING_KEYS = ("temperature", "top_p")
+LORA_ADAPTER_HELP_PAIRS = (LORA_ADAPTER_HELP + ". Records name it (lora_adapter: name, path); "
+                           "an output made with another adapter, or none, is not resumed")
 
 
 class PairsError(DataError):
@@ -201,10 +205,11 @@ class Finished:
 
 
 def finished_pairs(llm, todo: Sequence[PromptItem], chosen: SideSpec, rejected: SideSpec,
-                   max_tokens: int, seeds: Mapping[Any, int], window: int
-                   ) -> Iterator[Finished]:
+                   max_tokens: int, seeds: Mapping[Any, int], window: int,
+                   lora: LoraAdapter | None = None) -> Iterator[Finished]:
     """Yield a ``Finished`` for ``todo[j]`` as soon as both of its sides have finished
-    (completion order).
+    (completion order). With ``lora``, both sides of every prompt carry its
+    ``LoRARequest`` (the aligned model is ``llm``'s model plus that adapter).
 
     At most ``window`` prompts are unfinished in the engine at any time; each
     finished prompt is replaced by the next one at once. If the consumer stops
@@ -216,6 +221,7 @@ def finished_pairs(llm, todo: Sequence[PromptItem], chosen: SideSpec, rejected: 
     engine = llm.llm_engine
     tokenizer = llm.get_tokenizer()
     tag = f"pairs-{uuid.uuid4().hex[:8]}"       # our request ids: tag-j-side
+    lora_request = lora.request() if lora is not None else None
     texts: dict[int, str] = {}
     sides: dict[int, list] = {}                 # j -> [chosen output, rejected output]
     nxt = 0
@@ -230,7 +236,8 @@ def finished_pairs(llm, todo: Sequence[PromptItem], chosen: SideSpec, rejected: 
                 for side, (spec, inp_side) in enumerate(zip((chosen, rejected), inputs)):
                     params = spec.sampling_params(max_tokens, seeds[todo[nxt].id])
                     params.output_kind = RequestOutputKind.FINAL_ONLY   # one output, at the end
-                    engine.add_request(f"{tag}-{nxt}-{side}", inp_side, params)
+                    engine.add_request(f"{tag}-{nxt}-{side}", inp_side, params,
+                                       lora_request=lora_request)
                 texts[nxt], sides[nxt] = text, [None, None]
                 nxt += 1
             if not sides:
@@ -266,10 +273,10 @@ class OneEngine:
         self.own = llm is None
         self.llm = build_llm(**build) if self.own else llm
 
-    def pairs(self, todo, chosen, rejected, max_tokens, seeds, batch_size
+    def pairs(self, todo, chosen, rejected, max_tokens, seeds, batch_size, lora=None
               ) -> Iterator[Finished]:
         return finished_pairs(self.llm, todo, chosen, rejected, max_tokens, seeds,
-                              engine_window(self.llm, batch_size))
+                              engine_window(self.llm, batch_size), lora)
 
     def close(self) -> None:
         if self.own:
@@ -302,12 +309,15 @@ class PairsOptions:
     rejected: Any = option(json.dumps(DEFAULT_REJECTED), "alignment spec of the rejected side, "
                            "optionally with 'temperature' and 'top_p' (the aligned model, "
                            "nucleus p 0.9, temperature 1)", metavar="JSON", parse=str)
+    lora_adapter: LoraAdapter | None = lora_adapter_option(LORA_ADAPTER_HELP_PAIRS)
     max_tokens: int = option(256, "most new tokens per side")
     batch_size: int = option(64, "records per append + fsync (the engine is kept full "
                              "regardless)")
     progress: bool = option(True, "no progress bar")
 
     def __post_init__(self) -> None:
+        # Frozen: the parsed adapter is set through object.__setattr__.
+        object.__setattr__(self, "lora_adapter", LoraAdapter.parse(self.lora_adapter))
         if self.max_tokens < 1:
             raise PairsError(f"--max-tokens must be >= 1, got {self.max_tokens}")
         if self.batch_size < 1:
@@ -340,7 +350,8 @@ def generate_pairs(*, model: str, reference_model: str | None, seed: int = 0,
     ``llm``: an existing ``vllm.LLM`` on ``model`` (with ``reference_model`` as
     its reference) to use instead of starting one; the caller keeps the engine.
     ``engines``: decode elsewhere than on one engine: a callable taking ``build_llm``'s
-    arguments and returning an object with ``pairs`` and ``close`` as ``OneEngine``'s,
+    arguments and returning an object with ``pairs`` and ``close`` as ``OneEngine``'s
+    (``pairs`` gets the run's ``LoraAdapter`` or None last),
     e.g. ``functools.partial(vllm_align.data.replicas.ReplicaPool, N)`` (N Ray actors).
     This process alone writes the output, so everything above holds unchanged.
     """
@@ -352,16 +363,25 @@ def generate_pairs(*, model: str, reference_model: str | None, seed: int = 0,
     chosen_spec = parse_side(opts.chosen, side="chosen", defaults=CHOSEN_SAMPLING)
     rejected_spec = parse_side(opts.rejected, side="rejected", defaults=REJECTED_SAMPLING)
     agents = _engine_agents(engine_args, llm, llm_kwargs)
+    adapter = opts.lora_adapter
+    check_lora_engine(adapter, engine_args=engine_args, llm=llm, llm_kwargs=llm_kwargs)
     engine = EngineAlignConfig(reference_model=reference_model or None, mara_agents=agents)
     for side, spec in (("chosen", chosen_spec), ("rejected", rejected_spec)):
         try:    # the engine's own check, before it starts
             engine.check_servable(spec.align, what="this side")
         except AlignConfigError as e:
             raise PairsError(f"--{side}: {e}") from None
+        if adapter is None and spec.align.needs_reference and engine.reference_is(model):
+            raise PairsError(f"--{side}: {spec.align.method!r} on a LoRA pair (--reference-model "
+                             f"is --model) needs an adapter as the aligned model: give "
+                             f"--lora-adapter [NAME=]PATH")
 
     items = read_prompts(prompts)
     meta = {"chosen_spec": chosen_spec.to_json(), "rejected_spec": rejected_spec.to_json(),
-            "max_tokens": max_tokens, "model": model, "reference_model": reference_model}
+            "max_tokens": max_tokens, "model": model, "reference_model": reference_model,
+            # Always there (null without one): a resume with an adapter then refuses an
+            # output made without one, and the reverse.
+            "lora_adapter": adapter.to_json() if adapter is not None else None}
     if "mara" in (chosen_spec.align.method, rejected_spec.align.method):
         meta["mara_agents"] = dict(agents)   # an agent's name alone does not say what it was
     seeds = {it.id: seed + it.index for it in items}
@@ -389,7 +409,8 @@ def generate_pairs(*, model: str, reference_model: str | None, seed: int = 0,
         _fsync_dir(out_path.parent.resolve())
     bar = tqdm(total=len(items), initial=n_done, unit="prompt", desc="pairs",
                dynamic_ncols=True, disable=not opts.progress)
-    pairs = engines.pairs(todo, chosen_spec, rejected_spec, max_tokens, seeds, batch_size)
+    pairs = engines.pairs(todo, chosen_spec, rejected_spec, max_tokens, seeds, batch_size,
+                          adapter)
     try:
         with contextlib.closing(pairs):
             for done_pair in pairs:

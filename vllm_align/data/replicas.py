@@ -79,11 +79,11 @@ class _Replica:
         return self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
 
     def decode(self, offset: int, chunk: Sequence[PromptItem], chosen, rejected,
-               max_tokens: int, seeds: Mapping[Any, int], batch_size: int) -> list[Finished]:
+               max_tokens: int, seeds: Mapping[Any, int], batch_size: int,
+               lora=None) -> list[Finished]:
         out = finished_pairs(self.llm, chunk, chosen, rejected, max_tokens, seeds,
-                             engine_window(self.llm, batch_size))
+                             engine_window(self.llm, batch_size), lora)
         return [Finished(f.j + offset, f.prompt, f.chosen, f.rejected, f.tokens) for f in out]
-
 
     def sweep(self, cfg, items: Sequence[PromptItem]):
         """``sweep.generate_grid`` of ``items`` (their seeds are their input positions)."""
@@ -126,10 +126,11 @@ class ReplicaPool:
                                      for a, env in zip(self.actors, envs)])
 
     def pairs(self, todo: Sequence[PromptItem], chosen, rejected, max_tokens: int,
-              seeds: Mapping[Any, int], batch_size: int) -> Iterator[Finished]:
+              seeds: Mapping[Any, int], batch_size: int, lora=None) -> Iterator[Finished]:
         """Every prompt of ``todo`` decoded once, in chunks of twice a replica's
         window, handed out in input order to whichever replica has room; completion
-        order (the driver orders the records)."""
+        order (the driver orders the records). ``lora``: the run's ``LoraAdapter``
+        (plain data; each replica makes its ``LoRARequest``)."""
         import ray
 
         size = 2 * max(batch_size, *self.max_num_seqs)
@@ -141,7 +142,8 @@ class ReplicaPool:
                 while chunks and load[id(a)] < QUEUED:
                     offset, chunk = chunks.popleft()
                     ref = a.decode.remote(offset, chunk, chosen, rejected, max_tokens,
-                                          {it.id: seeds[it.id] for it in chunk}, batch_size)
+                                          {it.id: seeds[it.id] for it in chunk}, batch_size,
+                                          lora)
                     pending[ref], load[id(a)] = a, load[id(a)] + 1
             ready, _ = ray.wait(list(pending), num_returns=1)
             a = pending.pop(ready[0])

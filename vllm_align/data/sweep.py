@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from vllm_align.config import EXTRA_ARGS_KEY, AlignConfigError, AlignParams
+from vllm_align.config import EXTRA_ARGS_KEY, AlignConfigError, AlignParams, EngineAlignConfig
+from vllm_align.data.engine import LoraAdapter, check_lora_engine, lora_adapter_option
 from vllm_align.data.metrics import mean_sem
 from vllm_align.data.prompts import DataError, Prompt, PromptItem, read_prompts, render_prompt
 from vllm_align.data.rewards import REWARD_HELP
@@ -107,6 +108,7 @@ class SweepConfig:
     responses_dir: str | None = option(None, "also write one JSONL of responses and rewards per "
                                        "grid point (the format `vllm-align eval` reads)",
                                        metavar="DIR")
+    lora_adapter: LoraAdapter | None = lora_adapter_option()
     max_tokens: int = option(128, "new tokens per response")
     temperature: float = option(0.0, "0 = greedy (the papers' setting); when sampling, prompt i "
                                 "uses --seed + i at every grid point")
@@ -120,6 +122,7 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         # Frozen: normalised fields are set through object.__setattr__.
+        object.__setattr__(self, "lora_adapter", LoraAdapter.parse(self.lora_adapter))
         object.__setattr__(self, "lambdas", parse_grid(self.lambdas, "--lambdas"))
         object.__setattr__(self, "alphas", parse_grid(self.alphas, "--alphas"))
         if not self.lambdas and not self.alphas:
@@ -134,6 +137,11 @@ class SweepConfig:
         if not self.reference_model:
             raise DataError("--reference-model is required: DeRa and AAD mix the aligned "
                             "model with it")
+        if (self.lora_adapter is None and self.model     # no --model: the CLI says so
+                and EngineAlignConfig(reference_model=self.reference_model).reference_is(
+                    self.model)):
+            raise DataError("--reference-model is --model: a LoRA pair, whose aligned model "
+                            "is an adapter on it; give --lora-adapter [NAME=]PATH")
         if not self.reward or not self.reward.strip():
             raise DataError("--reward is required: a sequence-classification model path or "
                             "'module:function' / 'file.py:function'")
@@ -228,7 +236,8 @@ def plot_sweep(rows: Sequence[SweepRow], path: str | Path, *, title: str = "") -
 
 
 def _write_responses(out_dir: Path, grid: Sequence[GridPoint], items, prompts: Sequence[str],
-                     responses: Sequence[str], scores: Sequence[float]) -> None:
+                     responses: Sequence[str], scores: Sequence[float],
+                     lora: LoraAdapter | None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     n = len(items)
     for k, point in enumerate(grid):
@@ -237,6 +246,8 @@ def _write_responses(out_dir: Path, grid: Sequence[GridPoint], items, prompts: S
                 rec = {"id": it.id, "prompt": prompts[j], "response": responses[k * n + j],
                        "reward": scores[k * n + j], "method": point.method,
                        "parameter": point.parameter}
+                if lora is not None:    # the aligned model these responses mixed in
+                    rec["lora_adapter"] = lora.to_json()
                 if it.messages is not None:   # eval frames them as the sweep's scorer did
                     rec["messages"] = it.messages
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -268,7 +279,8 @@ def generate_grid(llm, cfg: SweepConfig, items: Sequence[PromptItem]) -> Generat
     """Every (grid point, prompt) request in ONE ``llm.generate`` call.
 
     ``llm`` is a ``vllm.LLM`` on ``cfg.model`` with ``cfg.reference_model`` as
-    its reference (``run_sweep`` makes one; the demo passes its own).
+    its reference (``run_sweep`` makes one; the demo passes its own). With
+    ``cfg.lora_adapter`` every request carries its ``LoRARequest``.
     """
     from vllm import SamplingParams
 
@@ -284,7 +296,8 @@ def generate_grid(llm, cfg: SweepConfig, items: Sequence[PromptItem]) -> Generat
                 seed=cfg.seed + it.index if cfg.temperature > 0 else None,
                 extra_args={EXTRA_ARGS_KEY: spec}))
     t0 = time.perf_counter()
-    outputs = llm.generate(inputs, params, use_tqdm=cfg.progress)
+    lora = cfg.lora_adapter.request() if cfg.lora_adapter is not None else None
+    outputs = llm.generate(inputs, params, use_tqdm=cfg.progress, lora_request=lora)
     seconds = time.perf_counter() - t0
     return Generations(prompts=[text for text, _ in rendered],
                        responses=[o.outputs[0].text for o in outputs],
@@ -304,11 +317,12 @@ def score_and_write(cfg: SweepConfig, items: Sequence[PromptItem], gen: Generati
     scores = reward(scored * len(grid), gen.responses)
     rows = summarize(grid, scores, len(items))
     write_csv(rows, cfg.output)
-    plot_sweep(rows, cfg.plot, title=f"{Path(cfg.model).name} vs {Path(cfg.reference_model).name}"
+    aligned = Path(cfg.model).name + (f" + {cfg.lora_adapter.name}" if cfg.lora_adapter else "")
+    plot_sweep(rows, cfg.plot, title=f"{aligned} vs {Path(cfg.reference_model).name}"
                f", reward {cfg.reward}")
     if cfg.responses_dir:
         _write_responses(Path(cfg.responses_dir), grid, items, gen.prompts, gen.responses,
-                         scores)
+                         scores, cfg.lora_adapter)
     return rows
 
 
@@ -323,6 +337,7 @@ def run_sweep(cfg: SweepConfig, engine_args=None, *, engines=None) -> list[Sweep
     each generating the grid for a shard of the prompts).
     """
     items = load_inputs(cfg)
+    check_lora_engine(cfg.lora_adapter, engine_args=engine_args, llm_kwargs=cfg.llm_kwargs)
     from vllm_align.data.engine import build_llm
 
     build = dict(model=cfg.model, reference_model=cfg.reference_model, dtype=cfg.dtype,
