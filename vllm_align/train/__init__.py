@@ -7,9 +7,9 @@ update), ``replay`` (fixed-capacity replay buffer), ``rollout`` (the MDP: its
 types, the rollout's configuration, its transitions), ``hf_rollout`` (the
 batched HF reference rollout), ``engine_rollout`` (the same episodes in a vLLM
 engine, the actor installed as its agent), ``terminal`` (the terminal reward
-from the shared reward/cost scorers, ``data.rewards``), ``prompts`` (prompt
-order; the sets are ``data.prompts``), ``trainer`` (the loop, checkpoints,
-metrics), ``distributed`` (Ray rollout workers).
+from the shared reward/cost scorers, ``data.rewards``), ``trainer`` (the loop,
+checkpoints, metrics; the prompt order is ``data.prompts.PromptSampler``),
+``distributed`` (Ray rollout workers).
 
 Names are imported lazily, so ``vllm_align.train.config`` loads without torch.
 """
