@@ -41,7 +41,8 @@ os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 def time_hf(model_path: str, prompts, actor, args) -> list[float]:
     """Seconds per ``HFRollout.collect`` of all prompts, ``args.repeats`` times."""
-    from vllm_align.train.rollout import HFRollout, RolloutSpec, load_causal_lm
+    from vllm_align.train.hf_rollout import HFRollout, load_causal_lm
+    from vllm_align.train.rollout import RolloutSpec
 
     model, tokenizer = load_causal_lm(model_path, args.dtype)
     hf = HFRollout(model, tokenizer, RolloutSpec(model_path).terminal(), top_k=args.top_k,

@@ -9,7 +9,8 @@ and the first accepted candidate is emitted. It deliberately does not import
 ``vllm_align.mara.rules``: it is what that code and the engine are checked
 against.
 
-The rule, exactly as implemented here (DESIGN.md, "Facts"):
+The rule, exactly as implemented here (the MARA paper §3.2 and its released code;
+``docs/mara-engine.md``, "The rule"):
 
 * ``π = softmax(logits)`` in float64 from the model's float32 logits;
   tokens sorted by descending logit, ties to the lower token id;

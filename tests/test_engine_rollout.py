@@ -18,7 +18,8 @@ from vllm_align.toy import shipped
 from vllm_align.toy.agent import train_records
 from vllm_align.toy.models import random_agent
 from vllm_align.train.engine_rollout import EngineRollout
-from vllm_align.train.rollout import HFRollout, RolloutSpec, load_causal_lm
+from vllm_align.train.hf_rollout import HFRollout, load_causal_lm
+from vllm_align.train.rollout import RolloutSpec
 
 MAX_LEN = 16
 ENGINE = {"max_model_len": 128, "block_size": 32,

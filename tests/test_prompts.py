@@ -8,8 +8,7 @@ import json
 
 import pytest
 
-from vllm_align.data.prompts import DataError, load_prompts, read_prompts
-from vllm_align.train.prompts import PromptSampler
+from vllm_align.data.prompts import DataError, PromptSampler, load_prompts, read_prompts
 
 
 def test_prompt_sets(tiny_pair, tmp_path):

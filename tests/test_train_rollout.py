@@ -19,8 +19,8 @@ import torch
 import hf_mara_reference
 from vllm_align.data.prompts import Prompt
 from vllm_align.data.rewards import CallableReward
+from vllm_align.train.hf_rollout import HFRollout
 from vllm_align.train.terminal import TerminalReward
-from vllm_align.train.rollout import HFRollout
 from vllm_align.toy.models import random_agent
 
 HIDDEN, VOCAB, EOS = 64, 96, 3

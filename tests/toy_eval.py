@@ -36,7 +36,7 @@ def evaluate_agent(agent: ToyAgent, settings: ToySettings = ToySettings(), *,
     from vllm_align.data.prompts import load_prompts
     from vllm_align.data.rewards import load_reward
     from vllm_align.mara.agent import load_agent
-    from vllm_align.train.rollout import HFRollout, load_causal_lm
+    from vllm_align.train.hf_rollout import HFRollout, load_causal_lm
     from vllm_align.train.terminal import TerminalReward
 
     states = {"trained": load_agent(agent.trained).state_dict(),

@@ -1,6 +1,6 @@
 """MARA's decision rule as batched tensor ops (no vLLM imports, no per-row loops).
 
-One MARA step for a sequence (paper §3.2; DESIGN.md "Facts"):
+One MARA step for a sequence (paper §3.2; ``docs/mara-engine.md``, "The rule"):
 
 1. **Candidates.** From the LLM's next-token distribution ``π = softmax(h)``
    take the top-k tokens, then the nucleus (top-p) of that set, sorted by

@@ -3,12 +3,13 @@
 No serving code here, and vLLM only inside ``engine_rollout`` (imported when a
 run rolls out in an engine): ``config`` (typed hyper-parameters, paper table 6
 defaults, and the run's ``TrainConfig``), ``sac`` (networks and the standalone
-update), ``replay`` (fixed-capacity replay buffer), ``rollout`` (the MDP, its
-transitions, and the batched HF reference rollout), ``engine_rollout`` (the
-same episodes in a vLLM engine, the actor installed as its agent), ``terminal``
-(the terminal reward from the shared reward/cost scorers, ``data.rewards``),
-``prompts`` (prompt order; the sets are ``data.prompts``), ``trainer`` (the loop, checkpoints,
-metrics), ``distributed`` (Ray rollout workers).
+update), ``replay`` (fixed-capacity replay buffer), ``rollout`` (the MDP: its
+types, the rollout's configuration, its transitions), ``hf_rollout`` (the
+batched HF reference rollout), ``engine_rollout`` (the same episodes in a vLLM
+engine, the actor installed as its agent), ``terminal`` (the terminal reward
+from the shared reward/cost scorers, ``data.rewards``), ``trainer`` (the loop,
+checkpoints, metrics; the prompt order is ``data.prompts.PromptSampler``),
+``distributed`` (Ray rollout workers).
 
 Names are imported lazily, so ``vllm_align.train.config`` loads without torch.
 """
@@ -23,7 +24,7 @@ _EXPORTS = {
     "ReplayBuffer": "replay",
     "Batch": "sac", "Critic": "sac", "MaraActor": "sac", "SACState": "sac",
     "critic_target": "sac", "polyak_update": "sac", "sac_update": "sac",
-    "HFRollout": "rollout", "Rollout": "rollout", "RolloutBatch": "rollout",
+    "HFRollout": "hf_rollout", "Rollout": "rollout", "RolloutBatch": "rollout",
     "RolloutSpec": "rollout", "Episode": "rollout", "EngineRollout": "engine_rollout",
     "MaraTrainer": "trainer", "TrainResult": "trainer", "train_mara": "trainer",
     "load_scorer": "terminal", "TerminalReward": "terminal",

@@ -29,8 +29,9 @@ import torch
 from vllm_align.data.prompts import Prompt
 from vllm_align.mara.agent import MaraAgent, save_agent
 from vllm_align.patches.in_process_engine import MP_ENV, engine_in_this_process
-from vllm_align.train.rollout import (DECISION_MODES, HFRollout, RolloutBatch, RolloutSpec,
-                                      WalkRecords, assemble, episode_seeds, walk_order)
+from vllm_align.train.hf_rollout import HFRollout
+from vllm_align.train.rollout import (DECISION_MODES, RolloutBatch, RolloutSpec, WalkRecords,
+                                      assemble, episode_seeds, walk_order)
 from vllm_align.train.terminal import TerminalReward
 
 AGENT = "train"  # the engine's name for the agent being trained

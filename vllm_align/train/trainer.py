@@ -33,8 +33,7 @@ import torch
 from vllm_align.train import checkpoint as ckpt
 from vllm_align.train.config import TrainConfig
 from vllm_align.train.metrics import MetricsLog, console_line, mean_sac, rollout_stats
-from vllm_align.data.prompts import Prompt, load_prompts
-from vllm_align.train.prompts import PromptSampler
+from vllm_align.data.prompts import Prompt, PromptSampler, load_prompts
 from vllm_align.train.replay import ReplayBuffer
 from vllm_align.train.rollout import Rollout, RolloutBatch, RolloutSpec
 from vllm_align.train.sac import SACState, sac_update
