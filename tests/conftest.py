@@ -11,13 +11,13 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 # The suite runs on 2 pytest-xdist workers, a file at a time (Makefile); files that take
 # minutes start first so that neither worker is left with a long one at the end.
-SLOW_FIRST = ("test_train_learns.py", "test_train_mara.py", "test_replicas.py",
-              "test_sweep.py", "test_generate_pairs.py", "test_server.py",
-              "test_parallel_serve.py", "test_toy_mara.py", "test_engine.py",
-              "test_tensor_parallel_offline.py", "test_run_batch.py", "test_toy_world.py",
-              "test_mixed_rows.py", "test_engine_startup.py", "test_engine_rollout.py",
-              "test_lm_eval.py", "test_lora_pairs.py", "test_lora_serving.py",
-              "test_architectures.py", "test_pairs_mara.py", "test_lora_data.py")
+SLOW_FIRST = ("test_train_learns.py", "test_lora_pairs.py", "test_train_mara.py",
+              "test_replicas.py", "test_lora_data.py", "test_sweep.py",
+              "test_generate_pairs.py", "test_server.py", "test_parallel_serve.py",
+              "test_toy_mara.py", "test_engine.py", "test_tensor_parallel_offline.py",
+              "test_run_batch.py", "test_toy_world.py", "test_mixed_rows.py",
+              "test_engine_startup.py", "test_engine_rollout.py", "test_lm_eval.py",
+              "test_lora_serving.py", "test_architectures.py", "test_pairs_mara.py")
 
 
 def pytest_collection_modifyitems(items):
