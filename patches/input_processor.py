@@ -72,14 +72,13 @@ def check_mara_sampling(params, mara) -> None:
                                "(the agent's accepted candidate is emitted as is)")
 
 
-def admit(vllm_config, params: SamplingParams) -> AlignParams:
+def admit(vllm_config, engine: EngineAlignConfig, params: SamplingParams) -> AlignParams:
     """The rule of one request on this engine, or the ``AlignRequestError`` refusing it.
 
     Args:
-        vllm_config: the engine's ``VllmConfig``.
+        vllm_config: the engine's ``VllmConfig``; engine: its align config.
         params: the caller's sampling parameters (read, not changed).
     """
-    engine = EngineAlignConfig.parse(vllm_config.additional_config)
     try:
         rule = engine.resolve(params.extra_args)
         if rule.method != "none":
@@ -100,14 +99,15 @@ class InputProcessorPatch(VllmPatch):
     replaces = ("process_inputs",)
 
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        rule = admit(self.vllm_config, params) if isinstance(params, SamplingParams) else None
+        config = self.vllm_config.additional_config or {}
+        engine = EngineAlignConfig.parse(config)
+        rule = (admit(self.vllm_config, engine, params) if isinstance(params, SamplingParams)
+                else None)
         request = InputProcessorPatch.original("process_inputs")(
             self, request_id, prompt, params, *args, **kwargs)
-        config = self.vllm_config.additional_config or {}
         sampling = request.sampling_params
         if rule is None or sampling is None or EXTRA_ARGS_KEY not in config:
             return request  # an engine without alignment: nothing travels
-        engine = EngineAlignConfig.parse(config)
         if engine.reference_model is not None:
             lora_pair = self.__dict__.get("_vllm_align_lora_pair")
             if lora_pair is None:

@@ -57,7 +57,8 @@ def test_each_agent_judges_its_own_rows_and_other_rows_keep_their_logits():
         logits = torch.randn(2, V, generator=g)
         out = torch.randn(4, V, generator=g)
         before = out.clone()
-        result = rows.step(logits, torch.randn(2, D, generator=g), mara, agents, out,
+        result = rows.step(logits, torch.randn(2, D, generator=g), mara, torch.from_numpy(mara),
+                           agents, out,
                            torch.full((2,), step))
         assert torch.equal(out[[1, 3]], before[[1, 3]])
         picked = out[mara].argmax(1)

@@ -274,7 +274,7 @@ class AlignBatchState(LogitsProcessor):
         if rows.size:
             at = torch.from_numpy(rows).to(aligned.device, non_blocking=True)
             self.mara_result = self.mara.step(aligned.index_select(0, at),
-                                              hidden.index_select(0, at), rows, agents, out,
+                                              hidden.index_select(0, at), rows, at, agents, out,
                                               self.position.index_select(0, at))
         return out
 

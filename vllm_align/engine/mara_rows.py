@@ -159,7 +159,7 @@ class MaraRows:
 
     # -- one engine step ---------------------------------------------------
     def step(self, logits: torch.Tensor, hidden: torch.Tensor, rows: np.ndarray,
-             agents: Sequence[MaraAgent], out: torch.Tensor,
+             at: torch.Tensor, agents: Sequence[MaraAgent], out: torch.Tensor,
              position: torch.Tensor) -> StepResult:
         """Judge the MARA rows' fed candidates, choose what they feed next, and write
         the tokens they sample into ``out``.
@@ -167,18 +167,15 @@ class MaraRows:
         Args:
             logits: [M, V] the served LLM's logits at each MARA row's last fed token.
             hidden: [M, d] its final hidden states there (the agent's state).
-            rows: [M] host int, those rows' persistent-batch rows (kept output only).
+            rows: [M] host int, those rows' persistent-batch rows (kept output only);
+                at: [M] int64, the same on the device.
             agents: the engine's agents, indexed by the ``agent`` codes.
             out: [B, V] float32 logits of the step, changed in place: one-hot (0 at
                 the token to sample, −inf elsewhere) on the MARA rows, so that vLLM's
                 sampler returns the emitted token (or the next candidate to feed).
             position: [M] int64 tokens each row has emitted so far.
         """
-        at = self._on_device(rows)
         return self.advance(self.judge(hidden, rows, at, agents, position), logits, out)
-
-    def _on_device(self, rows: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(rows).to(self.device, non_blocking=True)
 
     def judge(self, hidden: torch.Tensor, rows: np.ndarray, at: torch.Tensor,
               agents: Sequence[MaraAgent], position: torch.Tensor) -> "Judgement":

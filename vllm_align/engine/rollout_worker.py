@@ -79,8 +79,7 @@ class RecordingMaraRows(MaraRows):
         super().move(src, dst, swap)
         move_row([self.log_reject], src, dst, swap)
 
-    def step(self, logits, hidden, rows, agents, out, position):
-        at = self._on_device(rows)
+    def step(self, logits, hidden, rows, at, agents, out, position):
         j = self.judge(hidden, rows, at, agents, position)
         self._record(j, hidden, position)
         return self.advance(j, logits, out)
